@@ -1,0 +1,3 @@
+"""Vehicle command broker: durable gRPC commands for connected cars."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,322 @@
+"""The `broker` command: serve, send and inspect commands, simulate cars, issue tokens."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import broker
+from broker.auth import issue_token
+from broker.client import (
+    DEFAULT_TARGET,
+    LANE_NAMES,
+    WAIT_MODES,
+    BrokerClient,
+    BrokerRpcError,
+    command_to_dict,
+)
+from broker.errors import BrokerError
+from broker_ext._compat import extensions_summary
+
+logger = logging.getLogger("broker")
+
+
+def _client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="broker HOST:PORT")
+    parser.add_argument("--token", help="bearer token (default: $BROKER_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description=__doc__)
+    parser.add_argument("--version", action="store_true", help="version and loaded extensions")
+    sub = parser.add_subparsers(dest="cmd")
+
+    serve = sub.add_parser("serve", help="run the broker")
+    serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051)")
+    serve.add_argument("--data", help="LMDB folder (default ./broker-data)")
+    serve.add_argument("--config", type=Path, help="TOML config file")
+    serve.add_argument("--insecure-dev", action="store_true", default=None,
+                       help="no auth; refuses to bind anything but loopback")  # fmt: skip
+    serve.add_argument("--durability", choices=["fsync", "relaxed"])
+    serve.add_argument("--log-format", choices=["text", "json"])
+
+    send = sub.add_parser("send", help="send a command to a vehicle")
+    send.add_argument("vehicle")
+    send.add_argument("command")
+    send.add_argument("--payload", help="JSON payload")
+    send.add_argument("--ttl", type=float, help="seconds until the command expires")
+    send.add_argument("--priority", choices=sorted(LANE_NAMES), help="lane (may only lower it)")
+    send.add_argument("--idempotency-key", default="")
+    send.add_argument("--coalesce-key", default="")
+    send.add_argument("--wait", choices=sorted(WAIT_MODES), default="none")
+    send.add_argument("--timeout", type=float, help="seconds to wait (with --wait)")
+    _client_args(send)
+
+    for name, helptext in (("status", "show one command"), ("cancel", "cancel a command")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("command_id")
+        _client_args(p)
+    for name, helptext in (("list", "a vehicle's commands"), ("state", "a vehicle's state")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("vehicle")
+        _client_args(p)
+    watch = sub.add_parser("watch", help="stream status changes")
+    watch.add_argument("--vehicle", action="append", default=[])
+    watch.add_argument("--command-id", action="append", default=[])
+    _client_args(watch)
+
+    sim = sub.add_parser("vehicle-sim", help="simulated cars that execute commands")
+    sim.add_argument("--target", default=DEFAULT_TARGET)
+    sim.add_argument("--vehicles", type=int, default=1)
+    sim.add_argument("--id-prefix", default="car-")
+    sim.add_argument("--telemetry-hz", type=float, default=0.0)
+    sim.add_argument("--secret", help="sign per-car tokens with this secret "
+                     "(default: $BROKER_AUTH_SECRET; none against --insecure-dev)")  # fmt: skip
+
+    token = sub.add_parser("token", help="tokens")
+    token_sub = token.add_subparsers(dest="token_cmd", required=True)
+    issue = token_sub.add_parser("issue", help="sign a token with $BROKER_AUTH_SECRET")
+    who = issue.add_mutually_exclusive_group(required=True)
+    who.add_argument("--vehicle")
+    who.add_argument("--service")
+    issue.add_argument("--scopes", default="", help="comma-separated: send,read,admin")
+    issue.add_argument("--ttl", type=float, default=365 * 86400, help="seconds")
+    issue.add_argument("--secret", help="default: $BROKER_AUTH_SECRET")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        print(f"broker {broker.__version__}; extensions: {extensions_summary()}")
+        return 0
+    if args.cmd is None:
+        build_parser().print_help()
+        return 2
+    try:
+        if args.cmd == "serve":
+            return _serve(args)
+        if args.cmd == "token":
+            return _token(args)
+        if args.cmd == "vehicle-sim":
+            return _run(lambda: _vehicle_sim(args))
+        return _run(lambda: _client_command(args))
+    except BrokerError as exc:
+        print(f"error: {exc.status.name}: {exc.message}", file=sys.stderr)
+        return 2
+    except BrokerRpcError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    from broker.server import install_event_loop_policy
+
+    install_event_loop_policy()
+    return asyncio.run(factory())
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+def _configure_logging(log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=os.environ.get("BROKER_LOG_LEVEL", "INFO"), handlers=[handler])
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {"ts": record.created, "level": record.levelname, "logger": record.name,
+             "msg": record.getMessage()}
+        )  # fmt: skip
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from broker.config import load_config
+    from broker.server import Broker, install_event_loop_policy
+
+    config = load_config(
+        {
+            "listen": args.listen,
+            "data_dir": args.data,
+            "insecure_dev": args.insecure_dev,
+            "durability": args.durability,
+            "log_format": args.log_format,
+        },
+        config_file=args.config,
+    )
+    _configure_logging(config.log_format)
+    loop_kind = install_event_loop_policy()
+    if "fallback" in extensions_summary():
+        logger.warning("extensions: %s", extensions_summary())
+
+    async def serve() -> int:
+        instance = Broker(config)
+        port = await instance.start()
+        host = config.listen.rpartition(":")[0]
+        auth = "insecure-dev" if config.insecure_dev else "tokens"
+        print(
+            f"broker ready on {host}:{port} data={config.data_dir} loop={loop_kind} "
+            f"extensions={extensions_summary()} auth={auth}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        logger.info("shutting down")
+        await instance.stop()
+        return 0
+
+    return asyncio.run(serve())
+
+
+# -- token ------------------------------------------------------------------------------------
+
+
+def _secret(explicit: str | None) -> str:
+    secret = explicit or os.environ.get("BROKER_AUTH_SECRET", "")
+    if not secret:
+        raise SystemExit("error: no secret: pass --secret or set BROKER_AUTH_SECRET")
+    return secret
+
+
+def _token(args: argparse.Namespace) -> int:
+    scopes = [s for s in args.scopes.split(",") if s]
+    try:
+        print(
+            issue_token(
+                _secret(args.secret),
+                vehicle=args.vehicle,
+                service=args.service,
+                scopes=scopes,
+                ttl_s=args.ttl,
+            )
+        )
+    except ValueError as exc:
+        print(f"error: INVALID_ARGUMENT: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# -- client commands --------------------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, command: Any, **extra: Any) -> None:
+    data = command_to_dict(command)
+    data.update(extra)
+    if args.json:
+        print(json.dumps(data), flush=True)
+    else:
+        line = f"{data['command_id']} {data['status']} {data['vehicle_id']} {data['name']}"
+        if data.get("status_reason") or data.get("result_message"):
+            line += f" ({data.get('result_message') or data.get('status_reason')})"
+        print(line, flush=True)
+
+
+async def _client_command(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get("BROKER_TOKEN")
+    async with BrokerClient(args.target, token=token) as client:
+        if args.cmd == "send":
+            payload = None
+            if args.payload is not None:
+                try:
+                    json.loads(args.payload)
+                except ValueError as exc:
+                    print(f"error: INVALID_ARGUMENT: --payload is not JSON: {exc}", file=sys.stderr)
+                    return 2
+                payload = args.payload.encode()
+            reply = await client.send_command(
+                args.vehicle, args.command, payload, lane=args.priority, ttl_s=args.ttl,
+                idempotency_key=args.idempotency_key, coalesce_key=args.coalesce_key,
+                wait=args.wait, timeout_s=args.timeout,
+            )  # fmt: skip
+            _emit(args, reply.command, deduplicated=reply.deduplicated,
+                  wait_timed_out=reply.wait_timed_out)  # fmt: skip
+        elif args.cmd == "status":
+            _emit(args, await client.get_command(args.command_id))
+        elif args.cmd == "cancel":
+            _emit(args, await client.cancel_command(args.command_id))
+        elif args.cmd == "list":
+            for command in await client.list_commands(args.vehicle):
+                _emit(args, command)
+        elif args.cmd == "watch":
+            async for command in client.watch_commands(args.vehicle, args.command_id):
+                _emit(args, command)
+        elif args.cmd == "state":
+            _print_state(args, await client.get_vehicle_state(args.vehicle))
+    return 0
+
+
+def _print_state(args: argparse.Namespace, state: Any) -> None:
+    fields = {}
+    for name, entry in sorted(state.fields.items()):
+        kind = entry.value.WhichOneof("kind")
+        fields[name] = {
+            "value": getattr(entry.value, kind) if kind else None,
+            "reported_at_ms": entry.reported_at_ms,
+            "received_at_ms": entry.received_at_ms,
+        }
+    data = {
+        "vehicle_id": state.vehicle_id,
+        "connected": state.connected,
+        "connected_since_ms": state.connected_since_ms,
+        "last_seen_ms": state.last_seen_ms,
+        "fields": fields,
+    }
+    if args.json:
+        print(json.dumps(data))
+        return
+    if state.connected:
+        seen = f"connected since {state.connected_since_ms}"
+    elif state.last_seen_ms:
+        seen = f"NOT connected; last seen at {state.last_seen_ms}; values are not current"
+    else:
+        seen = "never seen"
+    print(f"{state.vehicle_id}: {seen}")
+    for name, field in fields.items():
+        print(f"  {name} = {field['value']} (reported at {field['reported_at_ms']})")
+
+
+# -- vehicle-sim ------------------------------------------------------------------------------
+
+
+async def _vehicle_sim(args: argparse.Namespace) -> int:
+    from broker.simulator import SimulatedFleet
+
+    secret = args.secret or os.environ.get("BROKER_AUTH_SECRET") or None
+    fleet = SimulatedFleet(
+        args.target, [f"{args.id_prefix}{i}" for i in range(args.vehicles)],
+        secret=secret, telemetry_hz=args.telemetry_hz, rng=random.Random(),
+    )  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await fleet.start()
+    print(f"vehicle-sim: {args.vehicles} cars against {args.target}", flush=True)
+    await stop.wait()
+    await fleet.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

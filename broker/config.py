@@ -1,0 +1,199 @@
+"""Broker configuration: one frozen dataclass from CLI flags > BROKER_* env > TOML > defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from broker.errors import InvalidArgument
+from broker.v1 import types_pb2
+
+LANES: Mapping[str, int] = MappingProxyType(
+    {
+        "critical": types_pb2.CRITICAL,
+        "interactive": types_pb2.INTERACTIVE,
+        "bulk": types_pb2.BULK,
+    }
+)
+
+
+@dataclass(frozen=True)
+class CommandPolicy:
+    """How one command name is treated: its lane, default TTL and result timeout."""
+
+    lane: int
+    ttl_s: float
+    result_timeout_s: float
+
+
+def _policies(
+    lane: str, ttl_s: float, result_timeout_s: float, *names: str
+) -> dict[str, CommandPolicy]:
+    return {n: CommandPolicy(LANES[lane], ttl_s, result_timeout_s) for n in names}
+
+
+DEFAULT_COMMANDS: Mapping[str, CommandPolicy] = MappingProxyType(
+    {
+        # An unlock an hour late is a safety bug: short TTLs on the critical lane.
+        **_policies("critical", 60, 30, "lock", "unlock", "start", "stop", "immobilise"),
+        **_policies("interactive", 300, 60, "climate", "charge", "charge_limit", "trunk", "horn"),
+        **_policies("bulk", 86400, 300, "config", "update_schedule", "data_request"),
+    }
+)
+#: The policy of a command name that is not in the table.
+FALLBACK_POLICY = CommandPolicy(types_pb2.INTERACTIVE, 300, 60)
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("broker-data")
+    insecure_dev: bool = False
+    #: HMAC secret for tokens (required unless insecure_dev). Never logged.
+    auth_secret: str = field(default="", repr=False)
+    #: "fsync": every group commit is on disk before any command in it is acknowledged.
+    #: "relaxed": commits are not fsynced; a power loss (not a process crash) may lose
+    #: the last ~second of accepted commands. The store syncs once a second.
+    durability: str = "fsync"
+    group_commit_max: int = 1024
+    map_size_mb: int = 256
+    map_size_max_mb: int = 65536
+    retention_s: float = 7 * 86400
+    idempotency_window_s: float = 86400
+    window: int = 4
+    max_payload_bytes: int = 16384
+    max_batch: int = 1000
+    max_message_bytes: int = 1 << 20
+    default_wait_timeout_s: float = 30
+    max_wait_timeout_s: float = 300
+    hello_timeout_s: float = 10
+    sweep_interval_s: float = 0.25
+    state_flush_interval_s: float = 1.0
+    max_state_fields: int = 256
+    grace_s: float = 5
+    log_format: str = "text"
+    commands: Mapping[str, CommandPolicy] = field(default_factory=lambda: DEFAULT_COMMANDS)
+
+    def policy(self, name: str) -> CommandPolicy:
+        return self.commands.get(name, FALLBACK_POLICY)
+
+    def validate(self) -> None:
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise InvalidArgument(f"listen: expected HOST:PORT, got {self.listen!r}")
+        if self.insecure_dev and not _is_loopback(host):
+            raise InvalidArgument(
+                f"--insecure-dev disables auth and binds loopback only; refusing {host!r}"
+            )
+        if not self.insecure_dev and len(self.auth_secret) < 16:
+            raise InvalidArgument(
+                "auth_secret (BROKER_AUTH_SECRET) of at least 16 characters is required "
+                "unless --insecure-dev is given"
+            )
+        if self.durability not in ("fsync", "relaxed"):
+            raise InvalidArgument(f"durability: 'fsync' or 'relaxed', got {self.durability!r}")
+        if self.log_format not in ("text", "json"):
+            raise InvalidArgument(f"log_format: 'text' or 'json', got {self.log_format!r}")
+        positive = [
+            "group_commit_max", "map_size_mb", "window", "max_payload_bytes", "max_batch",
+            "max_message_bytes", "default_wait_timeout_s", "max_wait_timeout_s",
+            "hello_timeout_s", "sweep_interval_s", "state_flush_interval_s", "max_state_fields",
+        ]  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"{name}: must be positive, got {getattr(self, name)!r}")
+        if self.map_size_max_mb < self.map_size_mb:
+            raise InvalidArgument("map_size_max_mb must be >= map_size_mb")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _coerce(name: str, kind: Any, raw: Any) -> Any:
+    try:
+        if kind in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        if kind in (Path, "Path"):
+            return Path(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{name}: cannot read {raw!r} as {kind}") from None
+
+
+def _commands_from_toml(table: Mapping[str, Any]) -> Mapping[str, CommandPolicy]:
+    merged = dict(DEFAULT_COMMANDS)
+    for name, spec in table.items():
+        base = merged.get(name, FALLBACK_POLICY)
+        lane_name = spec.get("lane")
+        if lane_name is not None and lane_name not in LANES:
+            raise InvalidArgument(
+                f"commands.{name}.lane: one of {sorted(LANES)}, got {lane_name!r}"
+            )
+        merged[name] = CommandPolicy(
+            LANES[lane_name] if lane_name else base.lane,
+            float(spec.get("ttl_s", base.ttl_s)),
+            float(spec.get("result_timeout_s", base.result_timeout_s)),
+        )
+    return MappingProxyType(merged)
+
+
+def load_config(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the config: `overrides` (CLI flags) > BROKER_* env > TOML file > defaults."""
+    environ = os.environ if environ is None else environ
+    fields = {f.name: f for f in dataclasses.fields(Config) if f.name != "commands"}
+    values: dict[str, Any] = {}
+    if config_file is None and environ.get("BROKER_CONFIG"):
+        config_file = Path(environ["BROKER_CONFIG"])
+    if config_file is not None:
+        try:
+            document = tomllib.loads(config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidArgument(f"config file {config_file}: {exc}") from None
+        commands = document.pop("commands", None)
+        if commands is not None:
+            values["commands"] = _commands_from_toml(commands)
+        for key, raw in document.items():
+            if key not in fields:
+                raise InvalidArgument(f"config file {config_file}: unknown setting {key!r}")
+            values[key] = _coerce(key, fields[key].type, raw)
+    for name, spec in fields.items():
+        env_value = environ.get(f"BROKER_{name.upper()}")
+        if env_value is not None:
+            values[name] = _coerce(f"BROKER_{name.upper()}", spec.type, env_value)
+    for name, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if name not in fields:
+            raise InvalidArgument(f"unknown setting {name!r}")
+        values[name] = _coerce(name, fields[name].type, raw)
+    config = Config(**values)
+    config.validate()
+    return config

@@ -1,0 +1,273 @@
+"""Dispatch: per-vehicle queues (priority, then FIFO), an in-flight window, and timers.
+
+The store is the truth; this module keeps in memory only what it needs to route:
+every non-terminal command by vehicle. It knows nothing about gRPC: a car is a
+`Session` with an outbox, a service call is a method call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.clock import now_ms
+from broker.config import Config
+from broker.errors import BrokerError
+from broker.events import EventHub
+from broker.sessions import Session, SessionRegistry
+from broker.store import TERMINAL, Created, NewCommand, Store
+from broker.v1 import types_pb2 as t
+from broker.v1 import vehicle_link_pb2 as link
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _VehicleQueue:
+    #: (-lane, seq, command_id): highest lane first, FIFO within a lane.
+    heap: list[tuple[int, int, str]] = field(default_factory=list)
+    #: Every non-terminal command of this vehicle, by id (latest known record).
+    commands: dict[str, Any] = field(default_factory=dict)
+    #: Sent on the current stream (or acked on any), awaiting a result.
+    in_flight: set[str] = field(default_factory=set)
+
+    def push(self, command: Any) -> None:
+        heapq.heappush(self.heap, (-command.lane, command.seq, command.command_id))
+
+
+class Dispatcher:
+    """Routes durable commands to live sessions and records what happens to them."""
+
+    def __init__(
+        self, store: Store, sessions: SessionRegistry, events: EventHub, config: Config
+    ) -> None:
+        self._store = store
+        self._sessions = sessions
+        self._events = events
+        self._config = config
+        self._queues: dict[str, _VehicleQueue] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- services ------------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Load every non-terminal command from the store (call once, before serving)."""
+        pending = await self._store.recover(now_ms=now_ms())
+        for command in pending:
+            queue = self._queues.setdefault(command.vehicle_id, _VehicleQueue())
+            queue.commands[command.command_id] = command
+            if command.status == t.ACKED:
+                queue.in_flight.add(command.command_id)
+            else:
+                queue.push(command)
+        return len(pending)
+
+    async def submit(self, items: Sequence[NewCommand]) -> list[Created | BrokerError]:
+        """Durably enqueue commands, then dispatch those whose car is online."""
+        results = await self._store.create(items, online=self._sessions, now_ms=now_ms())
+        touched = set()
+        for result in results:
+            if isinstance(result, BrokerError) or result.deduplicated:
+                continue
+            for older in result.superseded:
+                self._apply(older)
+            command = result.command
+            queue = self._queues.setdefault(command.vehicle_id, _VehicleQueue())
+            queue.commands[command.command_id] = command
+            queue.push(command)
+            self._events.publish(command)
+            touched.add(command.vehicle_id)
+        for vehicle_id in touched:
+            self._pump(vehicle_id)
+        return results
+
+    async def cancel(self, command_id: str) -> Any:
+        command = await self._store.cancel(command_id, now_ms=now_ms())
+        self._apply(command)
+        return command
+
+    def pending_count(self, vehicle_id: str | None = None) -> int:
+        if vehicle_id is not None:
+            queue = self._queues.get(vehicle_id)
+            return len(queue.commands) if queue else 0
+        return sum(len(q.commands) for q in self._queues.values())
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def connect(self, session: Session, recent_command_ids: Collection[str] = ()) -> None:
+        """A car's stream is up: replace any older one and start sending its queue."""
+        self._sessions.attach(session)
+        queue = self._queues.get(session.vehicle_id)
+        if queue is None:
+            return
+        # Sent-but-unacked commands go again on this stream (attempt+1), except those
+        # the car says it already has: it repeats their results itself.
+        for command_id in list(queue.in_flight):
+            command = queue.commands.get(command_id)
+            if command is None or command.status == t.ACKED:
+                continue
+            queue.in_flight.discard(command_id)
+            queue.push(command)
+        already_have = [
+            cid
+            for cid in recent_command_ids
+            if cid in queue.commands and queue.commands[cid].attempt > 0
+        ]
+        for command_id in already_have:
+            queue.in_flight.add(command_id)
+            self._record(self._store.mark_acked(command_id, now_ms=now_ms()))
+        self._pump(session.vehicle_id)
+
+    def disconnect(self, session: Session) -> None:
+        """A stream ended; if it was the car's live one, its unacked commands wait again."""
+        if not self._sessions.detach(session):
+            return
+        queue = self._queues.get(session.vehicle_id)
+        if queue is None:
+            return
+        unacked = [cid for cid, c in queue.commands.items() if c.status == t.ACCEPTED]
+        for command_id in list(queue.in_flight):
+            command = queue.commands.get(command_id)
+            if command is not None and command.status != t.ACKED:
+                queue.in_flight.discard(command_id)
+                queue.push(command)
+                unacked.append(command_id)
+        if unacked:
+            self._record(self._store.requeue(unacked, now_ms=now_ms()))
+
+    def may_send(self, frame: Any) -> bool:
+        """Last check before a command frame goes on the wire: never after expires_at."""
+        return bool(now_ms() < frame.expires_at_ms)
+
+    def not_sent(self, session: Session, command_id: str) -> None:
+        """The stream refused a frame at the last check (it expired on the way)."""
+        queue = self._queues.get(session.vehicle_id)
+        if queue is not None:
+            queue.in_flight.discard(command_id)
+            self._pump(session.vehicle_id)
+
+    def sent(self, session: Session, frame: Any) -> None:
+        """A command frame was written to the car's stream."""
+        name = frame.name
+        timeout_ms = int(self._config.policy(name).result_timeout_s * 1000)
+        self._record(self._store.mark_delivered([(frame.command_id, timeout_ms)], now_ms=now_ms()))
+
+    def acked(self, vehicle_id: str, command_id: str) -> None:
+        if self._owns(vehicle_id, command_id):
+            self._record(self._store.mark_acked(command_id, now_ms=now_ms()))
+
+    def result(
+        self, vehicle_id: str, command_id: str, *, success: bool, message: str, detail: bytes
+    ) -> None:
+        # A result may also refine an UNKNOWN command we no longer hold in memory, so the
+        # store (which checks the vehicle) decides, not the in-memory queue.
+        self._record(
+            self._store.record_result(
+                command_id,
+                vehicle_id=vehicle_id,
+                success=success,
+                message=message,
+                detail=detail,
+                now_ms=now_ms(),
+            )
+        )
+
+    # -- timers ----------------------------------------------------------------------------
+
+    async def fire_timers(self) -> int:
+        """Expire, time out and purge everything due now; returns the status changes made."""
+        total = 0
+        while True:
+            changed, purged = await self._store.fire_timers(now_ms=now_ms())
+            for command in changed:
+                self._apply(command)
+            total += len(changed)
+            if len(changed) + purged < 1000:
+                return total
+
+    async def run_timers(self) -> None:
+        while True:
+            try:
+                await self.fire_timers()
+            except BrokerError as exc:
+                logger.warning("timer sweep failed: %s", exc.message)
+            await asyncio.sleep(self._config.sweep_interval_s)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _owns(self, vehicle_id: str, command_id: str) -> bool:
+        queue = self._queues.get(vehicle_id)
+        return queue is not None and command_id in queue.commands
+
+    def _pump(self, vehicle_id: str) -> None:
+        session = self._sessions.get(vehicle_id)
+        queue = self._queues.get(vehicle_id)
+        if session is None or queue is None:
+            return
+        window = self._config.window
+        now = now_ms()
+        while queue.heap and len(queue.in_flight) < window:
+            _, _, command_id = heapq.heappop(queue.heap)
+            command = queue.commands.get(command_id)
+            if command is None or command_id in queue.in_flight:
+                continue  # terminal since it was queued, or a stale heap entry
+            if command.expires_at_ms <= now:
+                continue  # the timer sweep marks it EXPIRED / UNKNOWN
+            queue.in_flight.add(command_id)
+            session.send(
+                link.BrokerFrame(
+                    command=link.CommandFrame(
+                        command_id=command_id,
+                        name=command.name,
+                        payload=command.payload,
+                        attempt=command.attempt + 1,
+                        expires_at_ms=command.expires_at_ms,
+                        issued_at_ms=command.created_at_ms,
+                    )
+                )
+            )
+
+    def _apply(self, command: Any) -> None:
+        """Take in a recorded change: update memory, wake waiters, refill the window."""
+        self._events.publish(command)
+        queue = self._queues.get(command.vehicle_id)
+        if queue is None:
+            return
+        if command.status in TERMINAL:
+            queue.commands.pop(command.command_id, None)
+            freed = command.command_id in queue.in_flight
+            queue.in_flight.discard(command.command_id)
+            if not queue.commands:
+                del self._queues[command.vehicle_id]
+            elif freed:
+                self._pump(command.vehicle_id)
+        elif command.command_id in queue.commands:
+            queue.commands[command.command_id] = command
+
+    def _record(self, write: asyncio.Future[Any]) -> None:
+        """Apply the outcome of a store write when it commits, without blocking the caller."""
+
+        def done(future: asyncio.Future[Any]) -> None:
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is not None:
+                logger.error("recording a command event failed: %s", error)
+                return
+            outcome = future.result()
+            for command in _as_list(outcome):
+                self._apply(command)
+
+        write.add_done_callback(done)
+
+
+def _as_list(outcome: Any) -> Iterable[Any]:
+    if outcome is None:
+        return ()
+    if isinstance(outcome, list):
+        return outcome
+    return (outcome,)

@@ -1,0 +1,79 @@
+"""One root error; each subclass maps to exactly one gRPC status (here, and only here)."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class BrokerError(Exception):
+    """Root of every error the broker raises on purpose."""
+
+    status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# Caller mistakes ------------------------------------------------------------
+
+
+class CallerError(BrokerError):
+    """The request is at fault; retrying it unchanged will not help."""
+
+
+class InvalidArgument(CallerError):
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(CallerError):
+    status = grpc.StatusCode.NOT_FOUND
+
+
+class Conflict(CallerError):
+    """An idempotency key reused for a different request."""
+
+    status = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(CallerError):
+    """The command is in a state that does not allow this (e.g. cancel after delivery)."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unauthenticated(CallerError):
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(CallerError):
+    status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class QuotaExceeded(CallerError):
+    """The caller's own quota is spent."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# Server conditions ------------------------------------------------------------
+
+
+class ServerError(BrokerError):
+    """The broker cannot serve this now; the request may succeed later."""
+
+
+class Unavailable(ServerError):
+    """Retryable: the store cannot write, the broker is shutting down, or it is overloaded."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class StoreUnavailable(Unavailable):
+    """The durable store cannot accept writes; nothing already accepted is lost."""
+
+
+class Replaced(ServerError):
+    """A vehicle stream was replaced by a newer connection for the same car."""
+
+    status = grpc.StatusCode.ABORTED

@@ -1,0 +1,94 @@
+"""Command status changes fanned out to waiters (SendCommand wait modes) and watchers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any
+
+from broker.errors import QuotaExceeded
+
+Predicate = Callable[[Any], bool]
+
+
+class _Watcher:
+    def __init__(self, vehicle_ids: Collection[str], command_ids: Collection[str], depth: int):
+        self.vehicle_ids = frozenset(vehicle_ids)
+        self.command_ids = frozenset(command_ids)
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=depth)
+        self.overflowed = False
+
+    def wants(self, command: Any) -> bool:
+        if not self.vehicle_ids and not self.command_ids:
+            return True
+        return command.vehicle_id in self.vehicle_ids or command.command_id in self.command_ids
+
+
+class EventHub:
+    """Publishes each recorded status change once, after it is durable."""
+
+    def __init__(self, *, watcher_depth: int = 10_000) -> None:
+        self._waiters: dict[str, list[tuple[Predicate, asyncio.Future[Any]]]] = {}
+        self._watchers: set[_Watcher] = set()
+        self._watcher_depth = watcher_depth
+
+    def publish(self, command: Any) -> None:
+        waiters = self._waiters.get(command.command_id)
+        if waiters:
+            keep = []
+            for predicate, future in waiters:
+                if future.done():
+                    continue
+                if predicate(command):
+                    future.set_result(command)
+                else:
+                    keep.append((predicate, future))
+            if keep:
+                self._waiters[command.command_id] = keep
+            else:
+                del self._waiters[command.command_id]
+        for watcher in self._watchers:
+            if watcher.overflowed or not watcher.wants(command):
+                continue
+            try:
+                watcher.queue.put_nowait(command)
+            except asyncio.QueueFull:
+                watcher.overflowed = True  # the watch loop ends the stream with a status
+
+    def waiter(self, command_id: str, predicate: Predicate) -> asyncio.Future[Any]:
+        """A future set with the first published change of `command_id` matching `predicate`.
+
+        Register it *before* reading the current status, so no change slips between.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(command_id, []).append((predicate, future))
+        return future
+
+    def forget(self, command_id: str, future: asyncio.Future[Any]) -> None:
+        waiters = self._waiters.get(command_id)
+        if waiters is None:
+            return
+        waiters[:] = [(p, f) for p, f in waiters if f is not future]
+        if not waiters:
+            del self._waiters[command_id]
+
+    async def watch(
+        self, vehicle_ids: Collection[str], command_ids: Collection[str]
+    ) -> AsyncIterator[Any]:
+        """Changes matching the filters (all, if both are empty) until the caller stops."""
+        watcher = _Watcher(vehicle_ids, command_ids, self._watcher_depth)
+        self._watchers.add(watcher)
+        try:
+            while True:
+                if watcher.overflowed and watcher.queue.empty():
+                    raise QuotaExceeded(
+                        f"watcher fell more than {self._watcher_depth} changes behind; "
+                        "reconnect and re-read current status with GetCommand/ListCommands"
+                    )
+                yield await watcher.queue.get()
+        finally:
+            self._watchers.discard(watcher)
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watchers)

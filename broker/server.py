@@ -1,0 +1,135 @@
+"""Composition root: build the broker from a Config, serve it, shut it down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker.auth import Authenticator
+from broker.config import Config
+from broker.dispatch import Dispatcher
+from broker.errors import Unavailable
+from broker.events import EventHub
+from broker.service import Servicer
+from broker.sessions import SessionRegistry
+from broker.state import VehicleStates
+from broker.store import Store
+from broker.v1 import command_service_pb2, vehicle_link_pb2
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    command_service_pb2.DESCRIPTOR.services_by_name["CommandService"].full_name,
+    vehicle_link_pb2.DESCRIPTOR.services_by_name["VehicleLink"].full_name,
+)
+
+
+def server_options(config: Config) -> list[tuple[str, Any]]:
+    """Channel args for the grpc.aio server.
+
+    grpc core's defaults cap *pending* (not yet matched to a handler) requests at 1000
+    soft / 3000 hard and fail the excess — a burst of new vehicle streams after an outage
+    then sees failures. Raised well above any burst one process should take.
+    """
+    return [
+        ("grpc.server.max_pending_requests", 100_000),
+        ("grpc.server.max_pending_requests_hard_limit", 200_000),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", 1_000_000),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class Broker:
+    """The running broker: store, dispatcher, sessions, the gRPC server and background loops."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(
+            config.data_dir,
+            map_size=config.map_size_mb << 20,
+            map_size_max=config.map_size_max_mb << 20,
+            fsync=config.durability == "fsync",
+            group_max=config.group_commit_max,
+            retention_ms=int(config.retention_s * 1000),
+            idempotency_window_ms=int(config.idempotency_window_s * 1000),
+        )
+        self.sessions = SessionRegistry()
+        self.events = EventHub()
+        self.dispatcher = Dispatcher(self.store, self.sessions, self.events, config)
+        self.states = VehicleStates(self.store, self.sessions, max_fields=config.max_state_fields)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> int:
+        """Recover, bind, serve; returns the bound port (so `listen` may end in :0)."""
+        self.store.start(asyncio.get_running_loop())
+        recovered = await self.dispatcher.recover()
+        expired = await self.dispatcher.fire_timers()
+        logger.info("recovered %d pending commands (%d expired or timed out)", recovered, expired)
+        auth = Authenticator(self.config.auth_secret, insecure_dev=self.config.insecure_dev)
+        servicer = Servicer(
+            self.config, auth, self.store, self.dispatcher, self.events, self.states
+        )
+        server = grpc.aio.server(options=server_options(self.config))
+        server.add_generic_rpc_handlers(servicer.handlers())
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = server.add_insecure_port(self.config.listen)
+        if port == 0:
+            raise Unavailable(f"could not bind {self.config.listen}")
+        await server.start()
+        self.server, self.port = server, port
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks = [
+            asyncio.create_task(self.dispatcher.run_timers(), name="timers"),
+            asyncio.create_task(
+                self.states.run(self.config.state_flush_interval_s), name="state-flush"
+            ),
+        ]
+        return port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, stop accepting, drain streams, flush the store, close."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        live = len(self.sessions)
+        if self.server is not None:
+            await self.server.stop(grace)
+        if live:
+            logger.info("shutdown closed %d vehicle streams", live)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await self.states.flush()
+        await self.store.close()
+
+
+def install_event_loop_policy() -> str:
+    """uvloop when it is installed, else asyncio's default; returns which."""
+    try:
+        import uvloop
+    except ImportError:
+        logger.warning("uvloop is not installed; using the default asyncio event loop")
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"

@@ -1,0 +1,391 @@
+"""The gRPC face: servicers that translate protobuf <-> domain calls, nothing more.
+
+Every method goes through one wrapper (`_unary` / `_server_stream` / `_bidi`) that
+authenticates, parses the request bytes itself (so a malformed message is
+INVALID_ARGUMENT, not grpc's INTERNAL), and maps `BrokerError`s to their status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from broker.auth import VEHICLE_ID_HEADER, Authenticator, Principal
+from broker.clock import now_ms
+from broker.config import Config
+from broker.dispatch import Dispatcher
+from broker.errors import BrokerError, InvalidArgument, NotFound, PermissionDenied
+from broker.events import EventHub
+from broker.sessions import CLOSE, Session
+from broker.state import VehicleStates
+from broker.store import TERMINAL, NewCommand, Store
+from broker.v1 import command_service_pb2 as svc
+from broker.v1 import types_pb2 as t
+from broker.v1 import vehicle_link_pb2 as link
+
+logger = logging.getLogger(__name__)
+Context = grpc.aio.ServicerContext[Any, Any]
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+KEY_MAX = 128
+DELIVERED_OR_LATER = frozenset({t.DELIVERED, t.ACKED}) | TERMINAL
+
+
+def check_id(what: str, value: str) -> str:
+    if not ID_PATTERN.fullmatch(value):
+        raise InvalidArgument(
+            f"{what} must be 1-64 characters of letters, digits and _.:- (got {value[:80]!r})"
+        )
+    return value
+
+
+def _parse(message_type: Any, raw: bytes) -> Any:
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        raise InvalidArgument(f"malformed {message_type.DESCRIPTOR.name} message") from None
+
+
+class Servicer:
+    """CommandService and VehicleLink over the domain objects."""
+
+    def __init__(
+        self,
+        config: Config,
+        auth: Authenticator,
+        store: Store,
+        dispatcher: Dispatcher,
+        events: EventHub,
+        states: VehicleStates,
+    ) -> None:
+        self._config = config
+        self._auth = auth
+        self._store = store
+        self._dispatcher = dispatcher
+        self._events = events
+        self._states = states
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        return [
+            grpc.method_handlers_generic_handler(
+                "broker.v1.CommandService",
+                {
+                    "SendCommand": self._unary(self.send_command, "send", svc.SendCommandRequest),
+                    "SendCommands": self._unary(
+                        self.send_commands, "send", svc.SendCommandsRequest
+                    ),
+                    "GetCommand": self._unary(self.get_command, "read", svc.GetCommandRequest),
+                    "CancelCommand": self._unary(
+                        self.cancel_command, "send", svc.CancelCommandRequest
+                    ),
+                    "ListCommands": self._unary(
+                        self.list_commands, "read", svc.ListCommandsRequest
+                    ),
+                    "WatchCommands": self._server_stream(
+                        self.watch_commands, "read", svc.WatchCommandsRequest
+                    ),
+                    "GetVehicleState": self._unary(
+                        self.get_vehicle_state, "read", svc.GetVehicleStateRequest
+                    ),
+                },
+            ),
+            grpc.method_handlers_generic_handler(
+                "broker.v1.VehicleLink",
+                {
+                    "Connect": grpc.stream_stream_rpc_method_handler(
+                        self._connect_entry, response_serializer=_serialize
+                    )
+                },
+            ),
+        ]
+
+    # -- the one wrapper -------------------------------------------------------------------
+
+    def _principal(self, context: Context, scope: str | None) -> Principal:
+        principal = self._auth.authenticate(context.invocation_metadata())
+        if scope is not None:
+            principal.require(scope)
+        return principal
+
+    def _unary(
+        self,
+        method: Callable[[Any, Principal], Awaitable[Any]],
+        scope: str,
+        request_type: Any,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        async def handle(raw: bytes, context: Context) -> Any:
+            try:
+                principal = self._principal(context, scope)
+                return await method(_parse(request_type, raw), principal)
+            except BrokerError as exc:
+                await context.abort(exc.status, exc.message)
+            except Exception:
+                logger.exception("unexpected error in %s", method.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged)")
+
+        return grpc.unary_unary_rpc_method_handler(handle, response_serializer=_serialize)
+
+    def _server_stream(
+        self,
+        method: Callable[[Any, Principal], AsyncIterator[Any]],
+        scope: str,
+        request_type: Any,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        async def handle(raw: bytes, context: Context) -> AsyncIterator[Any]:
+            try:
+                principal = self._principal(context, scope)
+                async for item in method(_parse(request_type, raw), principal):
+                    yield item
+            except BrokerError as exc:
+                await context.abort(exc.status, exc.message)
+
+        return grpc.unary_stream_rpc_method_handler(handle, response_serializer=_serialize)
+
+    # -- CommandService ----------------------------------------------------------------------
+
+    def _new_command(self, request: Any, principal: Principal) -> NewCommand:
+        check_id("vehicle_id", request.vehicle_id)
+        if not NAME_PATTERN.fullmatch(request.name):
+            raise InvalidArgument(
+                f"name must be 1-64 characters of a-z, 0-9 and _.- starting with a letter "
+                f"(got {request.name[:80]!r})"
+            )
+        if len(request.payload) > self._config.max_payload_bytes:
+            raise InvalidArgument(
+                f"payload is {len(request.payload)} bytes; the limit is "
+                f"{self._config.max_payload_bytes}"
+            )
+        for what, key in (("idempotency_key", request.idempotency_key),
+                          ("coalesce_key", request.coalesce_key)):  # fmt: skip
+            if len(key) > KEY_MAX:
+                raise InvalidArgument(f"{what} is longer than {KEY_MAX} characters")
+        policy = self._config.policy(request.name)
+        lane = request.lane
+        if lane == t.LANE_UNSPECIFIED:
+            lane = policy.lane
+        elif lane not in t.Lane.values():
+            raise InvalidArgument(f"unknown lane {lane}; use BULK, INTERACTIVE or CRITICAL")
+        elif lane > policy.lane and not (principal.kind == "dev" or "admin" in principal.scopes):
+            raise PermissionDenied(
+                f"{request.name!r} runs on the {t.Lane.Name(policy.lane)} lane; raising it to "
+                f"{t.Lane.Name(lane)} needs the admin scope"
+            )
+        ttl_ms = request.ttl_ms or int(policy.ttl_s * 1000)
+        if request.wait not in svc.WaitMode.values():
+            raise InvalidArgument(f"unknown wait mode {request.wait}")
+        return NewCommand(
+            vehicle_id=request.vehicle_id,
+            name=request.name,
+            payload=request.payload,
+            lane=lane,
+            ttl_ms=ttl_ms,
+            idempotency_key=request.idempotency_key,
+            coalesce_key=request.coalesce_key,
+        )
+
+    async def send_command(self, request: Any, principal: Principal) -> Any:
+        item = self._new_command(request, principal)
+        wait_s = (request.wait_timeout_ms / 1000) or self._config.default_wait_timeout_s
+        if wait_s > self._config.max_wait_timeout_s:
+            raise InvalidArgument(f"wait_timeout_ms is above {self._config.max_wait_timeout_s}s")
+        (result,) = await self._dispatcher.submit([item])
+        if isinstance(result, BrokerError):
+            raise result
+        response = svc.SendCommandResponse(command=result.command, deduplicated=result.deduplicated)
+        if request.wait == svc.WAIT_NONE:
+            return response
+        wanted = TERMINAL if request.wait == svc.WAIT_RESULT else DELIVERED_OR_LATER
+        command, timed_out = await self._wait(result.command, wanted, wait_s)
+        response.command.CopyFrom(command)
+        response.wait_timed_out = timed_out
+        return response
+
+    async def _wait(
+        self, command: Any, wanted: frozenset[int], timeout_s: float
+    ) -> tuple[Any, bool]:
+        """Wait for `command` to reach a status in `wanted`; a timeout is an answer too."""
+        if command.status in wanted:
+            return command, False
+        future = self._events.waiter(command.command_id, lambda c: c.status in wanted)
+        try:
+            current = await self._store.get(command.command_id)
+            if current.status in wanted:
+                return current, False
+            return await asyncio.wait_for(future, timeout_s), False
+        except TimeoutError:
+            return await self._store.get(command.command_id), True
+        finally:
+            self._events.forget(command.command_id, future)
+
+    async def send_commands(self, request: Any, principal: Principal) -> Any:
+        count = len(request.commands)
+        if count == 0 or count > self._config.max_batch:
+            raise InvalidArgument(
+                f"a batch holds 1 to {self._config.max_batch} commands, not {count}"
+            )
+        items: list[svc.SendCommandsItem] = [svc.SendCommandsItem() for _ in range(count)]
+        valid: list[tuple[int, NewCommand]] = []
+        for index, sub in enumerate(request.commands):
+            try:
+                if sub.wait != svc.WAIT_NONE:
+                    raise InvalidArgument("wait modes are not allowed in a batch; use SendCommand")
+                valid.append((index, self._new_command(sub, principal)))
+            except BrokerError as exc:
+                items[index].error.code = exc.status.name
+                items[index].error.message = exc.message
+        results = await self._dispatcher.submit([item for _, item in valid])
+        for (index, _), result in zip(valid, results, strict=True):
+            if isinstance(result, BrokerError):
+                items[index].error.code = result.status.name
+                items[index].error.message = result.message
+            else:
+                items[index].accepted.command.CopyFrom(result.command)
+                items[index].accepted.deduplicated = result.deduplicated
+        return svc.SendCommandsResponse(items=items)
+
+    async def get_command(self, request: Any, principal: Principal) -> Any:
+        return await self._store.get(self._command_id(request.command_id))
+
+    async def cancel_command(self, request: Any, principal: Principal) -> Any:
+        return await self._dispatcher.cancel(self._command_id(request.command_id))
+
+    def _command_id(self, command_id: str) -> str:
+        if not command_id or len(command_id) > 64:
+            raise InvalidArgument("command_id must be 1-64 characters")
+        if not ID_PATTERN.fullmatch(command_id):
+            raise NotFound(f"no command {command_id[:80]!r}")
+        return command_id
+
+    async def list_commands(self, request: Any, principal: Principal) -> Any:
+        check_id("vehicle_id", request.vehicle_id)
+        limit = request.limit or 100
+        if limit > 1000:
+            raise InvalidArgument("limit is at most 1000")
+        commands = await self._store.list_vehicle(request.vehicle_id, limit=limit)
+        return svc.ListCommandsResponse(commands=commands)
+
+    async def watch_commands(self, request: Any, principal: Principal) -> AsyncIterator[Any]:
+        for vehicle_id in request.vehicle_ids:
+            check_id("vehicle_ids", vehicle_id)
+        if len(request.vehicle_ids) + len(request.command_ids) > 10_000:
+            raise InvalidArgument("watch at most 10000 vehicles and commands in one stream")
+        async for command in self._events.watch(request.vehicle_ids, request.command_ids):
+            yield command
+
+    async def get_vehicle_state(self, request: Any, principal: Principal) -> Any:
+        check_id("vehicle_id", request.vehicle_id)
+        return await self._states.get(request.vehicle_id)
+
+    # -- VehicleLink ---------------------------------------------------------------------------
+
+    async def _connect_entry(self, requests: AsyncIterator[bytes], context: Context) -> None:
+        try:
+            await self._connect(context)
+        except BrokerError as exc:
+            await context.abort(exc.status, exc.message)
+
+    async def _connect(self, context: Context) -> None:
+        metadata = context.invocation_metadata() or ()
+        principal = self._principal(context, None)
+        claimed = next((str(v) for k, v in metadata if k == VEHICLE_ID_HEADER), None)
+        vehicle_id = check_id("vehicle id", self._auth.vehicle_identity(principal, claimed))
+        try:
+            first = await asyncio.wait_for(context.read(), self._config.hello_timeout_s)
+        except TimeoutError:
+            raise InvalidArgument(
+                f"no Hello frame within {self._config.hello_timeout_s}s"
+            ) from None
+        if first is grpc.aio.EOF:
+            return
+        hello_frame = _parse(link.VehicleFrame, first)
+        if hello_frame.WhichOneof("kind") != "hello":
+            raise InvalidArgument("the first frame on a vehicle stream must be Hello")
+        session = Session(vehicle_id, now_ms=now_ms())
+        await self._states.attach(vehicle_id)
+        self._states.seen(vehicle_id, session.connected_since_ms)
+        await context.write(
+            link.BrokerFrame(
+                welcome=link.Welcome(
+                    session_id=session.session_id,
+                    server_time_ms=now_ms(),
+                    telemetry_policy=link.TelemetryPolicy(interval_ms=1000, verbosity=1),
+                    window=self._config.window,
+                )
+            )
+        )
+        self._dispatcher.connect(session, hello_frame.hello.recent_command_ids)
+        reader = asyncio.create_task(self._read_frames(context, session))
+        try:
+            await self._write_frames(context, session)
+        finally:
+            reader.cancel()
+            self._dispatcher.disconnect(session)
+            await self._states.detach(vehicle_id)
+        if session.close_error is not None:
+            raise session.close_error
+
+    async def _write_frames(self, context: Context, session: Session) -> None:
+        while True:
+            frame = await session.outbox.get()
+            if frame is CLOSE:
+                return
+            if frame.HasField("command"):
+                if not self._dispatcher.may_send(frame.command):
+                    self._dispatcher.not_sent(session, frame.command.command_id)
+                    continue
+                await context.write(frame)
+                self._dispatcher.sent(session, frame.command)
+            else:
+                await context.write(frame)
+
+    async def _read_frames(self, context: Context, session: Session) -> None:
+        vehicle_id = session.vehicle_id
+        try:
+            while True:
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
+                    session.close()
+                    return
+                frame = _parse(link.VehicleFrame, raw)
+                received = now_ms()
+                self._states.seen(vehicle_id, received)
+                kind = frame.WhichOneof("kind")
+                if kind == "ack":
+                    self._dispatcher.acked(vehicle_id, frame.ack.command_id)
+                elif kind == "result":
+                    result = frame.result
+                    if len(result.message) > 1024 or len(result.detail) > 16384:
+                        raise InvalidArgument("result message/detail too large")
+                    self._dispatcher.result(
+                        vehicle_id,
+                        result.command_id,
+                        success=result.success,
+                        message=result.message,
+                        detail=result.detail,
+                    )
+                elif kind == "telemetry":
+                    self._states.report(vehicle_id, frame.telemetry.signals, received)
+                elif kind == "state":
+                    self._states.report(vehicle_id, frame.state.fields, received)
+                elif kind == "hello":
+                    raise InvalidArgument("Hello is only allowed as the first frame")
+                else:
+                    raise InvalidArgument("empty or unknown vehicle frame")
+        except BrokerError as exc:
+            session.close(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke under us (e.g. the car vanished)
+            logger.debug("vehicle %s stream read ended: %r", vehicle_id, exc)
+            session.close()
+
+
+def _serialize(message: Any) -> bytes:
+    return bytes(message.SerializeToString())

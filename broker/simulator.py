@@ -1,0 +1,146 @@
+"""Simulated cars on the vehicle SDK: they execute commands, report state and telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import grpc
+
+from broker.auth import issue_token
+from broker.clock import now_ms
+from broker.vehicle import Handler, HandlerResult, SignalValue, VehicleAgent, signals
+
+CARS_PER_CHANNEL = 500
+
+
+class SimulatedCar:
+    """A car's doors, engine, climate and charging, driven by commands."""
+
+    def __init__(self, agent: VehicleAgent, rng: random.Random) -> None:
+        self.agent = agent
+        self.rng = rng
+        self.state: dict[str, SignalValue] = {
+            "locked": True,
+            "engine_on": False,
+            "climate_c": 20.0,
+            "charge_limit_pct": 80.0,
+            "battery_pct": round(rng.uniform(30, 95), 1),
+            "lat": round(rng.uniform(47.0, 55.0), 5),
+            "lon": round(rng.uniform(6.0, 15.0), 5),
+        }
+        agent.handlers.update(self.handlers())
+
+    def handlers(self) -> dict[str, Handler]:
+        def setter(field: str, value: SignalValue) -> Handler:
+            async def handle(payload: bytes) -> HandlerResult:
+                self.state[field] = value
+                await self._report(field)
+                return True, f"{field}={value}", b""
+
+            return handle
+
+        async def climate(payload: bytes) -> HandlerResult:
+            return await self._from_payload(payload, "climate_c", "temperature_c", 15, 30)
+
+        async def charge_limit(payload: bytes) -> HandlerResult:
+            return await self._from_payload(payload, "charge_limit_pct", "limit_pct", 50, 100)
+
+        return {
+            "lock": setter("locked", True),
+            "unlock": setter("locked", False),
+            "start": setter("engine_on", True),
+            "stop": setter("engine_on", False),
+            "climate": climate,
+            "charge_limit": charge_limit,
+            "horn": setter("horn_at_ms", float(now_ms())),
+        }
+
+    async def _from_payload(
+        self, payload: bytes, field: str, key: str, low: float, high: float
+    ) -> HandlerResult:
+        try:
+            value = float(json.loads(payload or b"{}")[key])
+        except (ValueError, KeyError, TypeError):
+            return False, f"payload needs a numeric {key!r}", b""
+        if not low <= value <= high:
+            return False, f"{key} must be within {low}..{high}", b""
+        self.state[field] = value
+        await self._report(field)
+        return True, f"{field}={value}", b""
+
+    async def _report(self, *fields: str) -> None:
+        if self.agent.connected.is_set():
+            await self.agent.report_state({f: self.state[f] for f in fields})
+
+    async def telemetry(self, hz: float) -> None:
+        """Stream position and battery at `hz`, slowed to the broker's interval if it asks."""
+        await self.agent.connected.wait()
+        await self._report(*self.state)
+        while True:
+            interval = max(1 / hz, self.agent.telemetry_policy.interval_ms / 1000)
+            await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
+            self.state["lat"] = round(float(self.state["lat"]) + self.rng.uniform(-1e-4, 1e-4), 6)
+            self.state["lon"] = round(float(self.state["lon"]) + self.rng.uniform(-1e-4, 1e-4), 6)
+            if self.agent.connected.is_set():
+                values = {k: self.state[k] for k in ("lat", "lon", "battery_pct")}
+                try:
+                    await self.agent.send_telemetry(signals(values, now_ms()))
+                except (ConnectionError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+                    continue
+
+
+class SimulatedFleet:
+    """Many simulated cars, several per gRPC channel, each on its own VehicleAgent."""
+
+    def __init__(
+        self,
+        target: str,
+        vehicle_ids: list[str],
+        *,
+        secret: str | None = None,
+        telemetry_hz: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.target = target
+        self.telemetry_hz = telemetry_hz
+        self.rng = rng or random.Random(0)
+        self._channels: list[grpc.aio.Channel] = []
+        self.cars: list[SimulatedCar] = []
+        self._vehicle_ids = vehicle_ids
+        self._secret = secret
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        for index, vehicle_id in enumerate(self._vehicle_ids):
+            if index % CARS_PER_CHANNEL == 0:
+                self._channels.append(
+                    grpc.aio.insecure_channel(
+                        self.target, options=[("grpc.use_local_subchannel_pool", 1)]
+                    )
+                )
+            token = issue_token(self._secret, vehicle=vehicle_id) if self._secret else None
+            agent = VehicleAgent(
+                self.target, vehicle_id, token=token, channel=self._channels[-1], firmware="sim"
+            )
+            car = SimulatedCar(agent, self.rng)
+            self.cars.append(car)
+            self._tasks.append(asyncio.create_task(agent.run()))
+            if self.telemetry_hz > 0:
+                self._tasks.append(asyncio.create_task(car.telemetry(self.telemetry_hz)))
+
+    async def wait_connected(self, timeout_s: float = 60.0) -> None:
+        await asyncio.wait_for(
+            asyncio.gather(*(car.agent.connected.wait() for car in self.cars)), timeout_s
+        )
+
+    async def stop(self) -> None:
+        for car in self.cars:
+            await car.agent.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for channel in self._channels:
+            await channel.close()

@@ -1,0 +1,104 @@
+"""Last known vehicle state: per-field values with the time each was reported.
+
+Reports update memory at once and reach LMDB in coalesced flushes (one write per car
+per flush interval, not one per report). Connectedness comes from the live session,
+so a disconnected car always reads as "last seen at", never as current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from broker.errors import BrokerError, InvalidArgument
+from broker.sessions import SessionRegistry
+from broker.store import Store
+from broker.v1 import command_service_pb2 as svc
+
+logger = logging.getLogger(__name__)
+
+
+class VehicleStates:
+    def __init__(self, store: Store, sessions: SessionRegistry, *, max_fields: int) -> None:
+        self._store = store
+        self._sessions = sessions
+        self._max_fields = max_fields
+        self._live: dict[str, Any] = {}  # vehicle_id -> VehicleState, for connected cars
+        self._dirty: set[str] = set()
+
+    async def attach(self, vehicle_id: str) -> None:
+        """Load a connecting car's durable state into memory."""
+        if vehicle_id not in self._live:
+            stored = await self._store.get_state(vehicle_id)
+            self._live[vehicle_id] = stored or svc.VehicleState(vehicle_id=vehicle_id)
+
+    async def detach(self, vehicle_id: str) -> None:
+        """The car's stream ended: persist what it reported and drop it from memory."""
+        if vehicle_id in self._sessions:
+            return  # a newer stream for the same car holds the state now
+        state = self._live.get(vehicle_id)
+        if state is None:
+            return
+        self._dirty.discard(vehicle_id)
+        try:
+            await self._store.put_states([state])
+        except BrokerError as exc:
+            logger.warning("could not persist state of %s: %s", vehicle_id, exc.message)
+        if vehicle_id not in self._sessions:
+            self._live.pop(vehicle_id, None)
+
+    def seen(self, vehicle_id: str, at_ms: int) -> None:
+        state = self._live.get(vehicle_id)
+        if state is not None:
+            state.last_seen_ms = at_ms
+            self._dirty.add(vehicle_id)
+
+    def report(self, vehicle_id: str, signals: Iterable[Any], received_at_ms: int) -> None:
+        """Apply reported signals; an older report never overwrites a newer value."""
+        state = self._live.get(vehicle_id)
+        if state is None:
+            return
+        for signal in signals:
+            if not signal.name or len(signal.name) > 128:
+                raise InvalidArgument("signal names must be 1-128 characters")
+            current = state.fields.get(signal.name)
+            if current is None and len(state.fields) >= self._max_fields:
+                raise InvalidArgument(f"more than {self._max_fields} distinct state fields")
+            if current is not None and current.reported_at_ms > signal.reported_at_ms:
+                continue
+            entry = state.fields[signal.name]
+            entry.value.CopyFrom(signal.value)
+            entry.reported_at_ms = signal.reported_at_ms or received_at_ms
+            entry.received_at_ms = received_at_ms
+        self._dirty.add(vehicle_id)
+
+    async def get(self, vehicle_id: str) -> Any:
+        """The state as a client should see it, with live connectedness."""
+        state = self._live.get(vehicle_id)
+        if state is None:
+            state = await self._store.get_state(vehicle_id) or svc.VehicleState(
+                vehicle_id=vehicle_id
+            )
+        out = svc.VehicleState()
+        out.CopyFrom(state)
+        session = self._sessions.get(vehicle_id)
+        out.connected = session is not None
+        out.connected_since_ms = session.connected_since_ms if session is not None else 0
+        return out
+
+    async def flush(self) -> None:
+        if not self._dirty:
+            return
+        states = [self._live[v] for v in self._dirty if v in self._live]
+        self._dirty.clear()
+        await self._store.put_states(states)  # serialized now, so later reports don't race
+
+    async def run(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.flush()
+            except BrokerError as exc:
+                logger.warning("state flush failed: %s", exc.message)

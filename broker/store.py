@@ -1,0 +1,462 @@
+"""The durable command store on LMDB: the whole command lifecycle, crash-safe.
+
+Every operation here runs inside a write transaction on the writer thread (see
+`broker/writer.py`) and returns only after its group is committed — fsynced in the
+default durability mode — so "accepted" always means "on disk".
+
+Databases (all keys sort bytewise):
+- `commands`   command_id -> Command (protobuf; the record is the wire type)
+- `by_vehicle` vehicle_id 0x00 seq -> command_id          (ListCommands, newest first)
+- `timers`     at_ms command_id -> ""                     (every command's next deadline)
+- `idem`       idempotency_key -> command_id
+- `coalesce`   vehicle_id 0x00 coalesce_key -> command_id (the newest holder of the key)
+- `states`     vehicle_id -> VehicleState (last known fields)
+- `meta`       b"seq" -> last sequence number
+
+Each command has exactly one timer, derived from its record (`_timer_at`): its expiry
+while never delivered, its result deadline once delivered, its purge time once terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from broker.errors import BrokerError, Conflict, FailedPrecondition, NotFound
+from broker.v1 import command_service_pb2 as svc
+from broker.v1 import types_pb2 as t
+from broker.writer import Writer
+from broker_ext import codec
+
+TERMINAL = frozenset({t.SUCCEEDED, t.FAILED, t.EXPIRED, t.CANCELED, t.SUPERSEDED, t.UNKNOWN})
+NOT_YET_SENT = frozenset({t.ACCEPTED, t.QUEUED})
+_SEQ_KEY = b"seq"
+
+
+@dataclass(frozen=True)
+class NewCommand:
+    """A validated request to enqueue one command (policy already applied)."""
+
+    vehicle_id: str
+    name: str
+    payload: bytes
+    lane: int
+    ttl_ms: int
+    idempotency_key: str = ""
+    coalesce_key: str = ""
+
+
+@dataclass(frozen=True)
+class Created:
+    command: Any  # t.Command
+    deduplicated: bool
+    superseded: tuple[Any, ...]  # older commands this one coalesced away
+
+
+def new_command_id(now_ms: int) -> str:
+    """Time-ordered, unguessable: 12 hex digits of milliseconds, 12 of randomness."""
+    return f"{now_ms:012x}{os.urandom(6).hex()}"
+
+
+class Store:
+    """Async façade over the LMDB environment; all work runs on the writer thread."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        map_size: int = 256 << 20,
+        map_size_max: int = 64 << 30,
+        fsync: bool = True,
+        group_max: int = 1024,
+        retention_ms: int = 7 * 86_400_000,
+        idempotency_window_ms: int = 86_400_000,
+    ) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(
+            str(path),
+            map_size=map_size,
+            max_dbs=8,
+            sync=fsync,
+            metasync=fsync,
+            map_async=False,
+        )
+        # Named databases must be opened in a write transaction; this one is short and
+        # runs before the writer thread exists.
+        with self._env.begin(write=True) as txn:
+            open_db = self._env.open_db
+            self._commands = open_db(b"commands", txn=txn)
+            self._by_vehicle = open_db(b"by_vehicle", txn=txn)
+            self._timers = open_db(b"timers", txn=txn)
+            self._idem = open_db(b"idem", txn=txn)
+            self._coalesce = open_db(b"coalesce", txn=txn)
+            self._states = open_db(b"states", txn=txn)
+            self._meta = open_db(b"meta", txn=txn)
+            raw_seq = txn.get(_SEQ_KEY, db=self._meta)
+        self._seq = int.from_bytes(raw_seq, "big") if raw_seq else 0
+        self._retention_ms = retention_ms
+        self._idempotency_window_ms = idempotency_window_ms
+        self._writer = Writer(
+            self._env,
+            group_max=group_max,
+            map_size_max=map_size_max,
+            relaxed_sync_interval_s=None if fsync else 1.0,
+        )
+
+    @property
+    def writer(self) -> Writer:
+        return self._writer
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._writer.start(loop)
+
+    async def close(self) -> None:
+        """Commit everything queued, then close the environment."""
+        await asyncio.to_thread(self._writer.close)
+        self._env.close()
+
+    # -- commands ----------------------------------------------------------------------
+
+    def create(
+        self, items: Sequence[NewCommand], *, online: Container[str], now_ms: int
+    ) -> asyncio.Future[list[Created | BrokerError]]:
+        """Enqueue commands in one write; per-item errors come back in place of a result.
+
+        A command for a vehicle in `online` starts ACCEPTED (about to be sent), else QUEUED.
+        """
+
+        def op(txn: Any) -> list[Created | BrokerError]:
+            out: list[Created | BrokerError] = []
+            for item in items:
+                status = t.ACCEPTED if item.vehicle_id in online else t.QUEUED
+                try:
+                    out.append(self._create_one(txn, item, status, now_ms))
+                except BrokerError as exc:
+                    out.append(exc)
+            txn.put(_SEQ_KEY, self._seq.to_bytes(8, "big"), db=self._meta)
+            return out
+
+        return self._writer.submit(op)
+
+    def _create_one(self, txn: Any, item: NewCommand, status: int, now_ms: int) -> Created:
+        if item.idempotency_key:
+            earlier_id = txn.get(item.idempotency_key.encode(), db=self._idem)
+            if earlier_id is not None:
+                earlier = self._load(txn, earlier_id.decode())
+                if earlier is not None and (
+                    earlier.created_at_ms + self._idempotency_window_ms > now_ms
+                ):
+                    if (earlier.vehicle_id, earlier.name, earlier.payload) != (
+                        item.vehicle_id,
+                        item.name,
+                        item.payload,
+                    ):
+                        raise Conflict(
+                            f"idempotency key {item.idempotency_key!r} was used for command "
+                            f"{earlier.command_id} with a different vehicle, name or payload"
+                        )
+                    return Created(earlier, True, ())
+        self._seq += 1
+        command = t.Command(
+            command_id=new_command_id(now_ms),
+            vehicle_id=item.vehicle_id,
+            name=item.name,
+            payload=item.payload,
+            lane=item.lane,  # type: ignore[arg-type]
+            status=status,  # type: ignore[arg-type]
+            created_at_ms=now_ms,
+            updated_at_ms=now_ms,
+            expires_at_ms=now_ms + item.ttl_ms,
+            idempotency_key=item.idempotency_key,
+            coalesce_key=item.coalesce_key,
+            seq=self._seq,
+        )
+        superseded: tuple[Any, ...] = ()
+        if item.coalesce_key:
+            ckey = codec.coalesce_key(item.vehicle_id, item.coalesce_key)
+            older_id = txn.get(ckey, db=self._coalesce)
+            older = self._load(txn, older_id.decode()) if older_id is not None else None
+            if older is not None and older.status in NOT_YET_SENT:
+                self._update(
+                    txn,
+                    older,
+                    t.SUPERSEDED,
+                    now_ms,
+                    status_reason=f"superseded by {command.command_id}",
+                )
+                superseded = (older,)
+            txn.put(ckey, command.command_id.encode(), db=self._coalesce)
+        if item.idempotency_key:
+            txn.put(item.idempotency_key.encode(), command.command_id.encode(), db=self._idem)
+        txn.put(
+            codec.vehicle_key(item.vehicle_id, command.seq),
+            command.command_id.encode(),
+            db=self._by_vehicle,
+        )
+        self._save(txn, command)
+        txn.put(codec.timer_key(self._timer_at(command), command.command_id), b"", db=self._timers)
+        return Created(command, False, superseded)
+
+    def mark_delivered(
+        self, deliveries: Sequence[tuple[str, int]], *, now_ms: int
+    ) -> asyncio.Future[list[Any]]:
+        """Record that commands went on the wire: `(command_id, result_timeout_ms)` pairs."""
+
+        def op(txn: Any) -> list[Any]:
+            changed = []
+            for command_id, result_timeout_ms in deliveries:
+                command = self._load(txn, command_id)
+                if command is None or command.status not in (t.ACCEPTED, t.QUEUED, t.DELIVERED):
+                    continue
+                self._update(
+                    txn,
+                    command,
+                    t.DELIVERED,
+                    now_ms,
+                    attempt=command.attempt + 1,
+                    delivered_at_ms=command.delivered_at_ms or now_ms,
+                    result_deadline_ms=now_ms + result_timeout_ms,
+                )
+                changed.append(command)
+            return changed
+
+        return self._writer.submit(op)
+
+    def mark_acked(self, command_id: str, *, now_ms: int) -> asyncio.Future[Any | None]:
+        """The car received the command; None if the ack is stale (e.g. already terminal)."""
+
+        def op(txn: Any) -> Any | None:
+            command = self._load(txn, command_id)
+            if command is None or command.status not in (t.DELIVERED, t.QUEUED):
+                return None
+            if command.attempt == 0:
+                return None  # an ack for something we never sent: ignore
+            self._update(txn, command, t.ACKED, now_ms)
+            return command
+
+        return self._writer.submit(op)
+
+    def record_result(
+        self,
+        command_id: str,
+        *,
+        vehicle_id: str,
+        success: bool,
+        message: str,
+        detail: bytes,
+        now_ms: int,
+    ) -> asyncio.Future[Any | None]:
+        """The car's outcome. A late result refines UNKNOWN; other terminals are final.
+
+        None when the result is stale, unknown, or from a car the command is not for.
+        """
+
+        def op(txn: Any) -> Any | None:
+            command = self._load(txn, command_id)
+            if command is None or command.attempt == 0 or command.vehicle_id != vehicle_id:
+                return None
+            if command.status in TERMINAL and command.status != t.UNKNOWN:
+                return None
+            reason = (
+                "result arrived after the result timeout" if command.status == t.UNKNOWN else ""
+            )
+            self._update(
+                txn,
+                command,
+                t.SUCCEEDED if success else t.FAILED,
+                now_ms,
+                result_message=message,
+                result_detail=detail,
+                status_reason=reason,
+            )
+            return command
+
+        return self._writer.submit(op)
+
+    def requeue(self, command_ids: Sequence[str], *, now_ms: int) -> asyncio.Future[list[Any]]:
+        """The car went away: commands sent but not acked wait for it again (attempt kept)."""
+
+        def op(txn: Any) -> list[Any]:
+            changed = []
+            for command_id in command_ids:
+                command = self._load(txn, command_id)
+                if command is not None and command.status in (t.ACCEPTED, t.DELIVERED):
+                    self._update(txn, command, t.QUEUED, now_ms)
+                    changed.append(command)
+            return changed
+
+        return self._writer.submit(op)
+
+    def cancel(self, command_id: str, *, now_ms: int) -> asyncio.Future[Any]:
+        def op(txn: Any) -> Any:
+            command = self._load(txn, command_id)
+            if command is None:
+                raise NotFound(f"no command {command_id!r}")
+            if command.status not in NOT_YET_SENT:
+                raise FailedPrecondition(
+                    f"command {command_id} is {t.CommandStatus.Name(command.status)}; "
+                    "only a command not yet delivered can be canceled"
+                )
+            self._update(txn, command, t.CANCELED, now_ms, status_reason="canceled by request")
+            return command
+
+        return self._writer.submit(op)
+
+    def fire_timers(
+        self, *, now_ms: int, limit: int = 1000
+    ) -> asyncio.Future[tuple[list[Any], int]]:
+        """Expire, time out and purge what is due: `(changed commands, purged count)`."""
+
+        def op(txn: Any) -> tuple[list[Any], int]:
+            changed, purged = [], 0
+            due: list[str] = []
+            with txn.cursor(db=self._timers) as cursor:
+                for key in cursor.iternext(keys=True, values=False):
+                    at_ms, command_id = codec.split_timer_key(key)
+                    if at_ms > now_ms or len(due) >= limit:
+                        break
+                    due.append(command_id)
+            for command_id in due:
+                command = self._load(txn, command_id)
+                if command is None:
+                    continue
+                if command.status in TERMINAL:
+                    self._purge(txn, command)
+                    purged += 1
+                elif command.attempt == 0:
+                    self._update(
+                        txn, command, t.EXPIRED, now_ms, status_reason="expired before delivery"
+                    )
+                    changed.append(command)
+                else:
+                    self._update(
+                        txn,
+                        command,
+                        t.UNKNOWN,
+                        now_ms,
+                        status_reason="delivered, but no result before the result timeout; "
+                        "it may have been executed",
+                    )
+                    changed.append(command)
+            return changed, purged
+
+        return self._writer.submit(op)
+
+    def recover(self, *, now_ms: int) -> asyncio.Future[list[Any]]:
+        """Every non-terminal command, for the dispatcher after a start.
+
+        Sessions did not survive the restart, so anything on the wire is QUEUED again.
+        """
+
+        def op(txn: Any) -> list[Any]:
+            pending = []
+            with txn.cursor(db=self._timers) as cursor:
+                ids = [codec.split_timer_key(k)[1] for k in cursor.iternext(values=False)]
+            for command_id in ids:
+                command = self._load(txn, command_id)
+                if command is None or command.status in TERMINAL:
+                    continue
+                if command.status in (t.ACCEPTED, t.DELIVERED):
+                    self._update(txn, command, t.QUEUED, now_ms)
+                pending.append(command)
+            return pending
+
+        return self._writer.submit(op)
+
+    def get(self, command_id: str) -> asyncio.Future[Any]:
+        def op(txn: Any) -> Any:
+            command = self._load(txn, command_id)
+            if command is None:
+                raise NotFound(f"no command {command_id!r}")
+            return command
+
+        return self._writer.submit(op)
+
+    def list_vehicle(self, vehicle_id: str, *, limit: int) -> asyncio.Future[list[Any]]:
+        """A vehicle's commands, newest first."""
+        prefix = codec.vehicle_prefix(vehicle_id)
+        after = prefix[:-1] + b"\x01"
+
+        def op(txn: Any) -> list[Any]:
+            out: list[Any] = []
+            with txn.cursor(db=self._by_vehicle) as cursor:
+                positioned = cursor.prev() if cursor.set_range(after) else cursor.last()
+                while positioned and len(out) < limit:
+                    key, value = cursor.item()
+                    if not key.startswith(prefix):
+                        break
+                    command = self._load(txn, value.decode())
+                    if command is not None:
+                        out.append(command)
+                    positioned = cursor.prev()
+            return out
+
+        return self._writer.submit(op)
+
+    # -- vehicle state -------------------------------------------------------------------
+
+    def put_states(self, states: Sequence[Any]) -> asyncio.Future[None]:
+        blobs = [(s.vehicle_id.encode(), s.SerializeToString()) for s in states]
+
+        def op(txn: Any) -> None:
+            for key, blob in blobs:
+                txn.put(key, blob, db=self._states)
+
+        return self._writer.submit(op)
+
+    def get_state(self, vehicle_id: str) -> asyncio.Future[Any | None]:
+        def op(txn: Any) -> Any | None:
+            blob = txn.get(vehicle_id.encode(), db=self._states)
+            return None if blob is None else svc.VehicleState.FromString(blob)
+
+        return self._writer.submit(op)
+
+    # -- record helpers (writer thread only) ------------------------------------------------
+
+    def _load(self, txn: Any, command_id: str) -> Any | None:
+        blob = txn.get(command_id.encode(), db=self._commands)
+        return None if blob is None else t.Command.FromString(blob)
+
+    def _save(self, txn: Any, command: Any) -> None:
+        txn.put(command.command_id.encode(), command.SerializeToString(), db=self._commands)
+
+    def _timer_at(self, command: Any) -> int:
+        if command.status in TERMINAL:
+            return int(command.updated_at_ms + self._retention_ms)
+        if command.attempt == 0:
+            return int(command.expires_at_ms)
+        return int(command.result_deadline_ms)
+
+    def _update(self, txn: Any, command: Any, status: int, now_ms: int, **fields: Any) -> None:
+        """Move `command` to `status` (in place), keeping its timer in step."""
+        old_timer = codec.timer_key(self._timer_at(command), command.command_id)
+        command.status = status
+        command.updated_at_ms = now_ms
+        for name, value in fields.items():
+            setattr(command, name, value)
+        new_timer = codec.timer_key(self._timer_at(command), command.command_id)
+        if new_timer != old_timer:
+            txn.delete(old_timer, db=self._timers)
+            txn.put(new_timer, b"", db=self._timers)
+        self._save(txn, command)
+
+    def _purge(self, txn: Any, command: Any) -> None:
+        """Retention: drop a terminal command and every index entry that names it."""
+        command_id = command.command_id.encode()
+        txn.delete(codec.timer_key(self._timer_at(command), command.command_id), db=self._timers)
+        txn.delete(codec.vehicle_key(command.vehicle_id, command.seq), db=self._by_vehicle)
+        if command.idempotency_key:
+            key = command.idempotency_key.encode()
+            if txn.get(key, db=self._idem) == command_id:
+                txn.delete(key, db=self._idem)
+        if command.coalesce_key:
+            key = codec.coalesce_key(command.vehicle_id, command.coalesce_key)
+            if txn.get(key, db=self._coalesce) == command_id:
+                txn.delete(key, db=self._coalesce)
+        txn.delete(command_id, db=self._commands)

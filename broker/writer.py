@@ -1,0 +1,187 @@
+"""The one LMDB thread: every transaction of the store runs here, in group commits.
+
+LMDB binds a write transaction to the thread that began it, and `set_mapsize` needs no
+transaction open anywhere in the process; running every transaction (reads included) on
+this one thread satisfies both and keeps the event loop free of blocking calls.
+
+Group commit: the thread takes whatever operations are queued (up to `group_max`), runs
+them all in one write transaction and commits once, so under load one fsync covers many
+commands, and at low load a lone command waits for no timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import lmdb
+
+from broker.errors import BrokerError, StoreUnavailable
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Op = Callable[[Any], T]  # runs with an open lmdb write transaction
+
+
+@dataclass
+class _Job(Generic[T]):
+    op: Op[T]
+    future: asyncio.Future[T]
+
+
+class Writer:
+    """Runs store operations on one thread, committing them in groups."""
+
+    def __init__(
+        self,
+        env: Any,
+        *,
+        group_max: int,
+        map_size_max: int,
+        relaxed_sync_interval_s: float | None,
+    ) -> None:
+        self._env = env
+        self._group_max = group_max
+        self._map_size_max = map_size_max
+        self._relaxed_sync_interval_s = relaxed_sync_interval_s
+        self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="lmdb-writer", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self.groups_committed = 0
+        self.ops_committed = 0
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    def submit(self, op: Op[T]) -> asyncio.Future[T]:
+        """Queue `op`; the future resolves after the group holding it is committed."""
+        assert self._loop is not None, "writer not started"
+        future: asyncio.Future[T] = self._loop.create_future()
+        if self._closed:
+            future.set_exception(StoreUnavailable("the store is closed (broker shutting down)"))
+            return future
+        self._jobs.put(_Job(op, future))
+        return future
+
+    def close(self) -> None:
+        """Finish every queued job, then stop the thread (blocking; call from a thread)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._thread.join()
+
+    # -- the thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stop = False
+        timeout = self._relaxed_sync_interval_s
+        while not stop:
+            try:
+                first = self._jobs.get(timeout=timeout)
+            except queue.Empty:
+                self._env.sync(True)  # relaxed mode: bound what a power loss can cost
+                continue
+            group: list[_Job[Any]] = []
+            if first is None:
+                stop = True
+            else:
+                group.append(first)
+            while len(group) < self._group_max:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                group.append(job)
+            if group:
+                self._run_group(group)
+        if self._relaxed_sync_interval_s is not None:
+            self._env.sync(True)
+
+    def _run_group(self, group: list[_Job[Any]]) -> None:
+        while True:
+            try:
+                outcomes = self._commit(group)
+            except lmdb.MapFullError:
+                if self._grow():
+                    continue
+                error = StoreUnavailable(
+                    "the store is full (map_size_max_mb reached); nothing accepted is lost, "
+                    "new commands are refused until space is freed"
+                )
+                outcomes = [(False, error)] * len(group)
+            except _OpBug:
+                outcomes = [self._commit_alone(job) for job in group]
+            except lmdb.Error as exc:
+                logger.error("lmdb commit failed: %s", exc)
+                error = StoreUnavailable(f"the store cannot write: {exc}")
+                outcomes = [(False, error)] * len(group)
+            break
+        self.groups_committed += 1
+        self.ops_committed += len(group)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_settle, group, outcomes)
+
+    def _commit(self, group: list[_Job[Any]]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        txn = self._env.begin(write=True)
+        try:
+            for job in group:
+                try:
+                    outcomes.append((True, job.op(txn)))
+                except BrokerError as exc:
+                    # Operations raise domain errors before they write anything.
+                    outcomes.append((False, exc))
+                except lmdb.Error:
+                    raise
+                except Exception as exc:
+                    raise _OpBug() from exc
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        return outcomes
+
+    def _commit_alone(self, job: _Job[Any]) -> tuple[bool, Any]:
+        """Rerun one job of a group that hit an unexpected error, to isolate the culprit."""
+        try:
+            return self._commit([job])[0]
+        except _OpBug as bug:
+            logger.exception("store operation failed", exc_info=bug.__cause__)
+            return False, StoreUnavailable(f"store operation failed: {bug.__cause__!r}")
+        except lmdb.Error as exc:
+            return False, StoreUnavailable(f"the store cannot write: {exc}")
+
+    def _grow(self) -> bool:
+        current = int(self._env.info()["map_size"])
+        if current >= self._map_size_max:
+            return False
+        new_size = min(current * 2, self._map_size_max)
+        self._env.set_mapsize(new_size)
+        logger.warning("lmdb map full: grew map_size from %d to %d bytes", current, new_size)
+        return True
+
+
+class _OpBug(Exception):
+    """An operation raised something that is not a domain error."""
+
+
+def _settle(group: list[_Job[Any]], outcomes: list[tuple[bool, Any]]) -> None:
+    for job, (ok, value) in zip(group, outcomes, strict=True):
+        if job.future.done():
+            continue
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)
