@@ -68,7 +68,8 @@ class Dispatcher:
 
     async def submit(self, items: Sequence[NewCommand]) -> list[Created | BrokerError]:
         """Durably enqueue commands, then dispatch those whose car is online."""
-        results = await self._store.create(items, online=self._sessions, now_ms=now_ms())
+        online = {item.vehicle_id for item in items if item.vehicle_id in self._sessions}
+        results = await self._store.create(items, online=online, now_ms=now_ms())
         touched = set()
         for result in results:
             if isinstance(result, BrokerError) or result.deduplicated:

@@ -21,6 +21,7 @@ from broker.sessions import SessionRegistry
 from broker.state import VehicleStates
 from broker.store import Store
 from broker.v1 import command_service_pb2, vehicle_link_pb2
+from broker.v1 import vehicle_link_pb2 as link
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Broker:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._tasks: list[asyncio.Task[Any]] = []
+        self._stopped = False
 
     async def start(self) -> int:
         """Recover, bind, serve; returns the bound port (so `listen` may end in :0)."""
@@ -107,13 +109,21 @@ class Broker:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Health NOT_SERVING, stop accepting, drain streams, flush the store, close."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.config.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
-        live = len(self.sessions)
+        # Tell every car to go (they reconnect with jittered backoff), then end its stream.
+        live = self.sessions.all()
+        drain = link.BrokerFrame(control=link.Control(drain=True))
+        for session in live:
+            session.send(drain)
+            session.close()
         if self.server is not None:
             await self.server.stop(grace)
         if live:
-            logger.info("shutdown closed %d vehicle streams", live)
+            logger.info("shutdown drained %d vehicle streams", len(live))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

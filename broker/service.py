@@ -145,6 +145,9 @@ class Servicer:
                     yield item
             except BrokerError as exc:
                 await context.abort(exc.status, exc.message)
+            except Exception:
+                logger.exception("unexpected error in %s", method.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged)")
 
         return grpc.unary_stream_rpc_method_handler(handle, response_serializer=_serialize)
 

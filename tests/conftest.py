@@ -1,0 +1,88 @@
+"""Shared fixtures: real brokers on loopback port 0 with real LMDB in a temp folder."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.auth import issue_token
+from broker.client import BrokerClient
+from broker.config import Config
+from broker.server import Broker
+from broker.simulator import SimulatedFleet
+from broker.vehicle import VehicleAgent
+
+SECRET = "test-secret-0123456789abcdef"
+
+
+def make_config(data_dir: Path, **overrides: Any) -> Config:
+    base = Config(listen="127.0.0.1:0", data_dir=data_dir, auth_secret=SECRET, grace_s=0.5)
+    config = dataclasses.replace(base, **overrides)
+    config.validate()
+    return config
+
+
+class Running:
+    """A started broker plus helpers to reach it."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.target = f"127.0.0.1:{broker.port}"
+        self._closers: list[Any] = []
+
+    def service_token(self, *scopes: str) -> str:
+        return issue_token(SECRET, service="tests", scopes=scopes or ("send", "read"))
+
+    def client(self, *scopes: str, token: str | None = None) -> BrokerClient:
+        client = BrokerClient(
+            self.target, token=self.service_token(*scopes) if token is None else token
+        )
+        self._closers.append(client.close)
+        return client
+
+    def agent(self, vehicle_id: str, **kwargs: Any) -> VehicleAgent:
+        kwargs.setdefault("token", issue_token(SECRET, vehicle=vehicle_id))
+        kwargs.setdefault("backoff_base_s", 0.05)
+        kwargs.setdefault("backoff_cap_s", 0.5)
+        agent = VehicleAgent(self.target, vehicle_id, **kwargs)
+        self._closers.append(agent.stop)
+        return agent
+
+    def fleet(self, vehicle_ids: list[str], **kwargs: Any) -> SimulatedFleet:
+        fleet = SimulatedFleet(self.target, vehicle_ids, secret=SECRET, **kwargs)
+        self._closers.append(fleet.stop)
+        return fleet
+
+    async def close(self) -> None:
+        for close in reversed(self._closers):
+            await close()
+
+
+@pytest.fixture
+async def start_broker(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """`await start_broker(**config_overrides)`: a running broker, stopped at teardown."""
+    started: list[Running] = []
+
+    async def start(**overrides: Any) -> Running:
+        overrides.setdefault("data_dir", tmp_path / "data")
+        broker = Broker(make_config(**overrides))
+        await broker.start()
+        running = Running(broker)
+        started.append(running)
+        return running
+
+    yield start
+    for running in reversed(started):
+        await running.close()
+        await running.broker.stop(0.2)
+
+
+@pytest.fixture
+async def running(start_broker: Callable[..., Any]) -> Running:
+    """A broker with token auth on a loopback port."""
+    result: Running = await start_broker()
+    return result
