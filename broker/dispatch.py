@@ -145,7 +145,12 @@ class Dispatcher:
         return bool(now_ms() < frame.expires_at_ms)
 
     def not_sent(self, session: Session, command_id: str) -> None:
-        """The stream refused a frame at the last check (it expired on the way)."""
+        """The stream dropped a frame at the last check (expired, or the stream is closing).
+
+        A closing stream's commands were already handed back by connect() or disconnect().
+        """
+        if self._sessions.get(session.vehicle_id) is not session:
+            return
         queue = self._queues.get(session.vehicle_id)
         if queue is not None:
             queue.in_flight.discard(command_id)

@@ -340,7 +340,7 @@ class Servicer:
             if frame is CLOSE:
                 return
             if frame.HasField("command"):
-                if not self._dispatcher.may_send(frame.command):
+                if session.closed or not self._dispatcher.may_send(frame.command):
                     self._dispatcher.not_sent(session, frame.command.command_id)
                     continue
                 await context.write(frame)
