@@ -59,6 +59,12 @@ class Created:
     superseded: tuple[Any, ...]  # older commands this one coalesced away
 
 
+def _never_sent(command: Any) -> bool:
+    """Not on the wire yet. A requeued (or recovered) QUEUED command with attempt > 0 was
+    sent once, and the car may have run it: it can no longer be canceled or superseded."""
+    return command.status in NOT_YET_SENT and command.attempt == 0
+
+
 def new_command_id(now_ms: int) -> str:
     """Time-ordered, unguessable: 12 hex digits of milliseconds, 12 of randomness."""
     return f"{now_ms:012x}{os.urandom(6).hex()}"
@@ -182,7 +188,7 @@ class Store:
             ckey = codec.coalesce_key(item.vehicle_id, item.coalesce_key)
             older_id = txn.get(ckey, db=self._coalesce)
             older = self._load(txn, older_id.decode()) if older_id is not None else None
-            if older is not None and older.status in NOT_YET_SENT:
+            if older is not None and _never_sent(older):
                 self._update(
                     txn,
                     older,
@@ -298,7 +304,7 @@ class Store:
             command = self._load(txn, command_id)
             if command is None:
                 raise NotFound(f"no command {command_id!r}")
-            if command.status not in NOT_YET_SENT:
+            if not _never_sent(command):
                 raise FailedPrecondition(
                     f"command {command_id} is {t.CommandStatus.Name(command.status)}; "
                     "only a command not yet delivered can be canceled"

@@ -105,7 +105,11 @@ class Writer:
                     break
                 group.append(job)
             if group:
-                self._run_group(group)
+                try:
+                    self._run_group(group)
+                except RuntimeError:  # the event loop is gone: nobody is waiting any more
+                    logger.warning("writer: event loop closed; dropping %d results", len(group))
+                    return
         if self._relaxed_sync_interval_s is not None:
             self._env.sync(True)
 
@@ -168,7 +172,11 @@ class Writer:
         if current >= self._map_size_max:
             return False
         new_size = min(current * 2, self._map_size_max)
-        self._env.set_mapsize(new_size)
+        try:
+            self._env.set_mapsize(new_size)
+        except lmdb.Error as exc:  # e.g. the disk cannot hold a larger map
+            logger.error("lmdb map could not grow to %d bytes: %s", new_size, exc)
+            return False
         logger.warning("lmdb map full: grew map_size from %d to %d bytes", current, new_size)
         return True
 

@@ -3,12 +3,15 @@
 
 from libc.stdint cimport uint64_t
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.number cimport PyNumber_Index
 
 cdef bytes _SEP = b"\x00"
 
 
 cdef inline bytes _u64(object value, str what):
     cdef uint64_t v
+    # Integers only, as in the pure twin: a float must not be truncated into a key.
+    value = PyNumber_Index(value)
     if value < 0 or value > 0xFFFFFFFFFFFFFFFF:
         raise ValueError(f"{what} out of range: {value}")
     v = value

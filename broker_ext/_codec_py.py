@@ -8,6 +8,8 @@ Keys sort the way LMDB iterates them (bytewise), so:
 
 from __future__ import annotations
 
+from operator import index
+
 _SEP = b"\x00"
 _U64_MAX = (1 << 64) - 1
 
@@ -19,6 +21,7 @@ def vehicle_prefix(vehicle_id: str) -> bytes:
 
 def vehicle_key(vehicle_id: str, seq: int) -> bytes:
     """Key of one command in its vehicle's index, ordered by `seq`."""
+    seq = index(seq)  # integers only (TypeError otherwise), as in the compiled twin
     if not 0 <= seq <= _U64_MAX:
         raise ValueError(f"seq out of range: {seq}")
     return vehicle_id.encode() + _SEP + seq.to_bytes(8, "big")
@@ -26,6 +29,7 @@ def vehicle_key(vehicle_id: str, seq: int) -> bytes:
 
 def timer_key(at_ms: int, command_id: str) -> bytes:
     """Key of a command's next deadline (expiry or result timeout)."""
+    at_ms = index(at_ms)
     if not 0 <= at_ms <= _U64_MAX:
         raise ValueError(f"timer out of range: {at_ms}")
     return at_ms.to_bytes(8, "big") + command_id.encode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 NO_EXTENSIONS: bool = bool(os.environ.get("BROKER_NO_EXTENSIONS"))
@@ -15,8 +16,16 @@ def note_fallback(name: str) -> None:
     MISSING_COMPILED.append(name)
 
 
+#: Every module that picks a twin; each records a fallback when it is imported.
+_TWIN_SELECTORS = ("broker_ext.codec",)
+
+
 def extensions_summary() -> str:
     """One phrase saying which twins are loaded, for logs and `broker --version`."""
+    # Resolve every twin first: a caller (the CLI) may not have imported them yet, and
+    # a fallback that was never attempted would otherwise be reported as "compiled".
+    for name in _TWIN_SELECTORS:
+        importlib.import_module(name)
     if NO_EXTENSIONS:
         return "pure-python (BROKER_NO_EXTENSIONS=1)"
     if MISSING_COMPILED:
