@@ -23,7 +23,7 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check broker broker_ext loadtests tests setup.py
 	$(VENV)/bin/ruff format --check broker broker_ext loadtests tests setup.py
-	$(VENV)/bin/cython-lint broker_ext
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cython-lint broker_ext
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -15,8 +15,8 @@ PROTO_DIR = ROOT / "proto"
 
 
 def generate_protos() -> None:
-    from grpc_tools import protoc  # build requirement
     import grpc_tools
+    from grpc_tools import protoc  # build requirement
 
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
     well_known = str(Path(grpc_tools.__file__).parent / "_proto")

@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import broker
 from broker.auth import issue_token
@@ -24,10 +24,49 @@ from broker.client import (
     BrokerRpcError,
     command_to_dict,
 )
-from broker.errors import BrokerError
+from broker.errors import BrokerError, InvalidArgument
 from broker_ext._compat import extensions_summary
 
+if TYPE_CHECKING:
+    import grpc
+
+    from broker.simulator import SimulatedFleet
+
 logger = logging.getLogger("broker")
+
+
+#: The wire carries TTLs and wait timeouts as uint32 milliseconds.
+_WIRE_MAX_S = (2**32 - 1) / 1000
+
+
+def _seconds(max_s: float) -> Callable[[str], float]:
+    """An argparse type: a duration from 1 ms up to `max_s` seconds."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not 0.001 <= value <= max_s:
+            raise argparse.ArgumentTypeError(f"{text} is not within 0.001..{max_s:.0f} seconds")
+        return value
+
+    return parse
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the CLI's one error format, with argparse's exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: INVALID_ARGUMENT: {self.prog}: {message}\n")
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +76,7 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="broker", description=__doc__)
+    parser = _Parser(prog="broker", description=__doc__)
     parser.add_argument("--version", action="store_true", help="version and loaded extensions")
     sub = parser.add_subparsers(dest="cmd")
 
@@ -54,12 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("vehicle")
     send.add_argument("command")
     send.add_argument("--payload", help="JSON payload")
-    send.add_argument("--ttl", type=float, help="seconds until the command expires")
+    send.add_argument("--ttl", type=_seconds(_WIRE_MAX_S), help="seconds until the command expires")
     send.add_argument("--priority", choices=sorted(LANE_NAMES), help="lane (may only lower it)")
     send.add_argument("--idempotency-key", default="")
     send.add_argument("--coalesce-key", default="")
     send.add_argument("--wait", choices=sorted(WAIT_MODES), default="none")
-    send.add_argument("--timeout", type=float, help="seconds to wait (with --wait)")
+    send.add_argument("--timeout", type=_seconds(_WIRE_MAX_S), help="seconds to wait (with --wait)")
     _client_args(send)
 
     for name, helptext in (("status", "show one command"), ("cancel", "cancel a command")):
@@ -77,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("vehicle-sim", help="simulated cars that execute commands")
     sim.add_argument("--target", default=DEFAULT_TARGET)
-    sim.add_argument("--vehicles", type=int, default=1)
+    sim.add_argument("--vehicles", type=_count, default=1)
     sim.add_argument("--id-prefix", default="car-")
     sim.add_argument("--telemetry-hz", type=float, default=0.0)
     sim.add_argument("--secret", help="sign per-car tokens with this secret "
@@ -90,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--vehicle")
     who.add_argument("--service")
     issue.add_argument("--scopes", default="", help="comma-separated: send,read,admin")
-    issue.add_argument("--ttl", type=float, default=365 * 86400, help="seconds")
+    issue.add_argument(
+        "--ttl", type=_seconds(100 * 365 * 86400), default=365 * 86400, help="seconds"
+    )
     issue.add_argument("--secret", help="default: $BROKER_AUTH_SECRET")
     return parser
 
@@ -98,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.version:
+        import broker_ext.codec  # noqa: F401  (importing a twin records a compiled fallback)
+
         print(f"broker {broker.__version__}; extensions: {extensions_summary()}")
         return 0
     if args.cmd is None:
@@ -168,6 +211,11 @@ def _serve(args: argparse.Namespace) -> int:
         logger.warning("extensions: %s", extensions_summary())
 
     async def serve() -> int:
+        # Handlers first: whoever waits for the ready line may signal right after it.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
         instance = Broker(config)
         port = await instance.start()
         host = config.listen.rpartition(":")[0]
@@ -177,10 +225,6 @@ def _serve(args: argparse.Namespace) -> int:
             f"extensions={extensions_summary()} auth={auth}",
             flush=True,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         logger.info("shutting down")
         await instance.stop()
@@ -195,7 +239,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _secret(explicit: str | None) -> str:
     secret = explicit or os.environ.get("BROKER_AUTH_SECRET", "")
     if not secret:
-        raise SystemExit("error: no secret: pass --secret or set BROKER_AUTH_SECRET")
+        raise InvalidArgument("no secret: pass --secret or set BROKER_AUTH_SECRET")
+    if len(secret) < 16:
+        raise InvalidArgument("the secret must be at least 16 characters, as the broker's is")
     return secret
 
 
@@ -313,9 +359,32 @@ async def _vehicle_sim(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
     await fleet.start()
     print(f"vehicle-sim: {args.vehicles} cars against {args.target}", flush=True)
-    await stop.wait()
+    refusal = await _until_stopped_or_refused(fleet, stop)
     await fleet.stop()
+    if refusal is not None:
+        print(
+            f"error: {refusal.code().name}: every simulated car was refused: {refusal.details()}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+async def _until_stopped_or_refused(
+    fleet: SimulatedFleet, stop: asyncio.Event
+) -> grpc.aio.AioRpcError | None:
+    """Wait for SIGINT/SIGTERM; or, when the broker refused every car (a refused car does
+    not retry), return one of the refusals so the simulator does not idle with no cars."""
+    refused = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+    while True:
+        errors = [car.agent.last_error for car in fleet.cars]
+        if all(e is not None and e.code().name in refused for e in errors):
+            return errors[0]
+        try:
+            await asyncio.wait_for(stop.wait(), 0.5)
+        except TimeoutError:
+            continue
+        return None
 
 
 if __name__ == "__main__":

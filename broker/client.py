@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Future
@@ -203,12 +204,21 @@ def build_request(
         name=name,
         payload=payload or b"",
         lane=LANE_NAMES[lane] if lane else t.LANE_UNSPECIFIED,
-        ttl_ms=int(ttl_s * 1000) if ttl_s else 0,
+        ttl_ms=_whole_ms(ttl_s),
         idempotency_key=idempotency_key,
         coalesce_key=coalesce_key,
         wait=WAIT_MODES[wait],
-        wait_timeout_ms=int(timeout_s * 1000) if timeout_s else 0,
+        wait_timeout_ms=_whole_ms(timeout_s),
     )
+
+
+def _whole_ms(seconds: float | None) -> int:
+    """Seconds as wire milliseconds, never rounding a positive value down to 0 ("default")."""
+    if not seconds:
+        return 0
+    if seconds < 0:
+        raise ValueError("durations must be positive")
+    return max(1, math.ceil(seconds * 1000))
 
 
 class SyncBrokerClient:

@@ -91,11 +91,10 @@ class Dispatcher:
         self._apply(command)
         return command
 
-    def pending_count(self, vehicle_id: str | None = None) -> int:
-        if vehicle_id is not None:
-            queue = self._queues.get(vehicle_id)
-            return len(queue.commands) if queue else 0
-        return sum(len(q.commands) for q in self._queues.values())
+    def current(self, vehicle_id: str, command_id: str) -> Any | None:
+        """The latest record of a non-terminal command, from memory; None if not pending."""
+        queue = self._queues.get(vehicle_id)
+        return queue.commands.get(command_id) if queue is not None else None
 
     # -- sessions --------------------------------------------------------------------------
 

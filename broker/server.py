@@ -92,9 +92,13 @@ class Broker:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(self.config.listen)
+        try:
+            port = server.add_insecure_port(self.config.listen)
+        except RuntimeError:  # grpc >= 1.5x raises where older versions returned 0
+            port = 0
         if port == 0:
-            raise Unavailable(f"could not bind {self.config.listen}")
+            await self.store.close()
+            raise Unavailable(f"could not bind {self.config.listen} (in use?)")
         await server.start()
         self.server, self.port = server, port
         for name in ("", *SERVICE_NAMES):

@@ -36,6 +36,8 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 KEY_MAX = 128
 DELIVERED_OR_LATER = frozenset({t.DELIVERED, t.ACKED}) | TERMINAL
+LANES = frozenset(t.Lane.values())
+WAIT_MODES = frozenset(svc.WaitMode.values())
 
 
 def check_id(what: str, value: str) -> str:
@@ -173,7 +175,7 @@ class Servicer:
         lane = request.lane
         if lane == t.LANE_UNSPECIFIED:
             lane = policy.lane
-        elif lane not in t.Lane.values():
+        elif lane not in LANES:
             raise InvalidArgument(f"unknown lane {lane}; use BULK, INTERACTIVE or CRITICAL")
         elif lane > policy.lane and not (principal.kind == "dev" or "admin" in principal.scopes):
             raise PermissionDenied(
@@ -181,7 +183,7 @@ class Servicer:
                 f"{t.Lane.Name(lane)} needs the admin scope"
             )
         ttl_ms = request.ttl_ms or int(policy.ttl_s * 1000)
-        if request.wait not in svc.WaitMode.values():
+        if request.wait not in WAIT_MODES:
             raise InvalidArgument(f"unknown wait mode {request.wait}")
         return NewCommand(
             vehicle_id=request.vehicle_id,
@@ -218,7 +220,10 @@ class Servicer:
             return command, False
         future = self._events.waiter(command.command_id, lambda c: c.status in wanted)
         try:
-            current = await self._store.get(command.command_id)
+            # The status may have moved on between the store write and the waiter.
+            current = self._dispatcher.current(command.vehicle_id, command.command_id)
+            if current is None:  # no longer pending in memory: terminal, ask the store
+                current = await self._store.get(command.command_id)
             if current.status in wanted:
                 return current, False
             return await asyncio.wait_for(future, timeout_s), False

@@ -20,15 +20,22 @@ while never delivered, its result deadline once delivered, its purge time once t
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lmdb
 
-from broker.errors import BrokerError, Conflict, FailedPrecondition, NotFound
+from broker.errors import (
+    BrokerError,
+    Conflict,
+    FailedPrecondition,
+    NotFound,
+    StoreUnavailable,
+)
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker.writer import Writer
@@ -65,6 +72,28 @@ def _never_sent(command: Any) -> bool:
     return command.status in NOT_YET_SENT and command.attempt == 0
 
 
+def _lock_folder(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock on the data folder for this process's lifetime.
+
+    Two brokers on one folder would each keep their own sequence counter and corrupt
+    each other's indexes. The kernel drops the lock when the process dies (even by
+    kill -9), so a restart never finds a stale lock.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock_file = open(path / "broker.lock", "wb")  # noqa: SIM115 - held until close()
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot use {path} as the data folder: {exc}") from None
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock_file.close()
+        raise StoreUnavailable(
+            f"the data folder {path} is in use by another broker process"
+        ) from None
+    return lock_file
+
+
 def new_command_id(now_ms: int) -> str:
     """Time-ordered, unguessable: 12 hex digits of milliseconds, 12 of randomness."""
     return f"{now_ms:012x}{os.urandom(6).hex()}"
@@ -84,15 +113,19 @@ class Store:
         retention_ms: int = 7 * 86_400_000,
         idempotency_window_ms: int = 86_400_000,
     ) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(
-            str(path),
-            map_size=map_size,
-            max_dbs=8,
-            sync=fsync,
-            metasync=fsync,
-            map_async=False,
-        )
+        self._lock_file = _lock_folder(path)
+        try:
+            self._env = lmdb.open(
+                str(path),
+                map_size=map_size,
+                max_dbs=8,
+                sync=fsync,
+                metasync=fsync,
+                map_async=False,
+            )
+        except lmdb.Error as exc:
+            self._lock_file.close()
+            raise StoreUnavailable(f"cannot open the store in {path}: {exc}") from None
         # Named databases must be opened in a write transaction; this one is short and
         # runs before the writer thread exists.
         with self._env.begin(write=True) as txn:
@@ -126,6 +159,7 @@ class Store:
         """Commit everything queued, then close the environment."""
         await asyncio.to_thread(self._writer.close)
         self._env.close()
+        self._lock_file.close()  # releases the folder lock
 
     # -- commands ----------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 HandlerResult = bool | tuple[bool, str, bytes] | None
 Handler = Callable[[bytes], Awaitable[HandlerResult]]
 SignalValue = float | int | str | bool
+RESEND_WINDOW_S = 120.0
+RESEND_MAX = 32
 
 
 def to_value(value: SignalValue) -> Any:
@@ -77,9 +79,13 @@ class VehicleAgent:
         self._firmware = firmware
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
-        self._remember = remember_results
-        #: command_id -> its result frame, for ids already executed (dedup).
-        self._results: OrderedDict[str, Any] = OrderedDict()
+        self._remember_max = remember_results
+        #: command_id -> the future of its result frame: a re-sent id is never executed
+        #: twice, whether its first run finished or is still going (dedup).
+        self._results: OrderedDict[str, asyncio.Future[Any]] = OrderedDict()
+        self._finished_at: dict[str, float] = {}  # command_id -> monotonic completion time
+        #: gRPC allows one write in flight per stream; every frame goes through this lock.
+        self._write_lock = asyncio.Lock()
         self._call: Any = None
         self._stopping = False
         self._clock_offset_ms = 0
@@ -130,14 +136,15 @@ class VehicleAgent:
         self._call = call
         reconnect_after_s = 0.0
         try:
-            await call.write(
+            await self._write(
+                call,
                 link.VehicleFrame(
                     hello=link.Hello(
                         firmware=self._firmware,
                         capabilities=sorted(self.handlers),
                         recent_command_ids=list(self._results)[-64:],
                     )
-                )
+                ),
             )
             while True:
                 frame: Any = await call.read()
@@ -150,6 +157,7 @@ class VehicleAgent:
                     self.telemetry_policy = frame.welcome.telemetry_policy
                     self.connects += 1
                     self.connected.set()
+                    self._spawn(self._resend_recent_results(call))
                 elif kind == "command":
                     self._spawn(self._on_command(call, frame.command))
                 elif kind == "control":
@@ -191,7 +199,11 @@ class VehicleAgent:
         call = self._call
         if call is None or not self.connected.is_set():
             raise ConnectionError(f"vehicle {self.vehicle_id} is not connected")
-        await call.write(frame)
+        await self._write(call, frame)
+
+    async def _write(self, call: Any, frame: Any) -> None:
+        async with self._write_lock:
+            await call.write(frame)
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -201,16 +213,47 @@ class VehicleAgent:
         task.add_done_callback(self._tasks.discard)
 
     async def _on_command(self, call: Any, command: Any) -> None:
+        command_id = command.command_id
         try:
-            await call.write(link.VehicleFrame(ack=link.CommandAck(command_id=command.command_id)))
-            cached = self._results.get(command.command_id)
-            if cached is None:
-                cached = await self._execute(command)
-            await call.write(link.VehicleFrame(result=cached))
+            await self._write(call, link.VehicleFrame(ack=link.CommandAck(command_id=command_id)))
+            result = self._results.get(command_id)
+            if result is None:
+                result = asyncio.get_running_loop().create_future()
+                self._remember(command_id, result)
+                try:
+                    result.set_result(await self._execute(command))
+                except BaseException:  # stopped mid-command: forget it, never hang a re-send
+                    self._results.pop(command_id, None)
+                    result.cancel()
+                    raise
+                self._finished_at[command_id] = time.monotonic()
+            await self._write(call, link.VehicleFrame(result=await asyncio.shield(result)))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
-            logger.debug(
-                "vehicle %s could not answer %s: %r", self.vehicle_id, command.command_id, exc
-            )
+            # The stream broke; the result is kept and re-sent after the next Welcome.
+            logger.debug("vehicle %s could not answer %s: %r", self.vehicle_id, command_id, exc)
+
+    async def _resend_recent_results(self, call: Any) -> None:
+        """After a reconnect, repeat results that may not have reached the broker.
+
+        Bounded to results finished in the last `RESEND_WINDOW_S` (at most
+        `RESEND_MAX`), so a fleet-wide reconnect costs next to nothing; the broker
+        ignores results it already has.
+        """
+        horizon = time.monotonic() - RESEND_WINDOW_S
+        recent = [cid for cid, at in self._finished_at.items() if at >= horizon][-RESEND_MAX:]
+        try:
+            for command_id in recent:
+                result = self._results.get(command_id)
+                if result is not None and result.done():
+                    await self._write(call, link.VehicleFrame(result=result.result()))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            return
+
+    def _remember(self, command_id: str, result: asyncio.Future[Any]) -> None:
+        self._results[command_id] = result
+        while len(self._results) > self._remember_max:
+            old_id, _ = self._results.popitem(last=False)
+            self._finished_at.pop(old_id, None)
 
     async def _execute(self, command: Any) -> Any:
         server_now = now_ms() + self._clock_offset_ms
@@ -229,10 +272,6 @@ class VehicleAgent:
             success, message, detail = outcome is not False, "", b""
         else:
             success, message, detail = outcome
-        result = link.CommandResult(
+        return link.CommandResult(
             command_id=command.command_id, success=success, message=message, detail=detail
         )
-        self._results[command.command_id] = result
-        while len(self._results) > self._remember:
-            self._results.popitem(last=False)
-        return result

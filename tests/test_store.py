@@ -962,3 +962,17 @@ StoreMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestStoreProperties = StoreMachine.TestCase
+
+
+async def test_a_second_broker_cannot_open_the_same_folder(tmp_path: Path) -> None:
+    first = Store(tmp_path / "data")
+    with pytest.raises(StoreUnavailable, match="in use by another broker"):
+        Store(tmp_path / "data")
+    first.start(asyncio.get_running_loop())
+    await first.close()
+    second = Store(tmp_path / "data")  # the lock went with the first
+    second.start(asyncio.get_running_loop())
+    await second.close()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StoreUnavailable, match="data folder"):
+        Store(tmp_path / "file")

@@ -1,0 +1,408 @@
+"""Helpers for `loadtests.bench`: child processes, CPU accounting and percentiles.
+
+Also the entry point of the simulated-car process the bench starts:
+
+    python -m loadtests._util cars --target 127.0.0.1:PORT --cars 100
+
+connects that many `VehicleAgent`s (each executes `unlock`/`lock` at once and succeeds),
+prints `cars ready N` when all are connected, and runs until its stdin closes (or
+SIGTERM); it then prints one JSON line with what the cars did and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
+READY_LINE = re.compile(
+    r"broker ready on (?P<host>[^\s:]+):(?P<port>\d+) .*loop=(?P<loop>\S+) "
+    r"extensions=(?P<extensions>.*) auth=\S+"
+)
+CARS_READY = "cars ready"
+CARS_PER_CHANNEL = 250  # vehicle streams multiplexed on one HTTP/2 connection
+
+
+# -- statistics -----------------------------------------------------------------------------
+
+
+def percentile(sorted_samples: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of already sorted samples (None when there are none)."""
+    if not sorted_samples:
+        return None
+    rank = max(1, math.ceil(q * len(sorted_samples)))
+    return sorted_samples[min(rank, len(sorted_samples)) - 1]
+
+
+def latency_ms(samples_s: Sequence[float]) -> dict[str, float | None]:
+    """p50, p99 and max of latencies given in seconds, in milliseconds."""
+    ordered = sorted(samples_s)
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 3)
+
+    return {
+        "p50_ms": ms(percentile(ordered, 0.50)),
+        "p99_ms": ms(percentile(ordered, 0.99)),
+        "max_ms": ms(ordered[-1] if ordered else None),
+    }
+
+
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """User+system CPU seconds of a process (this one when pid is None); Linux /proc only."""
+    if pid is None:
+        return time.process_time()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after "pid (comm)"; utime, stime are 12, 13
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """A process's memory in MiB: peak resident, and resident now, split in anonymous
+    (heap) and file-backed (for the broker, mostly LMDB's map); empty without /proc."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for field, name in (("VmHWM", "peak_rss_mb"), ("RssAnon", "anon_mb"), ("RssFile", "file_mb")):
+        found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+        if found:
+            out[name] = round(int(found[1]) / 1024, 1)
+    return out
+
+
+class CpuMeter:
+    """CPU use of some processes over an interval, in % of one core."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self._pids = pids
+        self._start: dict[str, float | None] = {}
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+        self._start = {name: cpu_seconds(pid) for name, pid in self._pids.items()}
+
+    def stop(self) -> dict[str, float | None]:
+        elapsed = time.perf_counter() - self._t0
+        out: dict[str, float | None] = {}
+        for name, pid in self._pids.items():
+            before, after = self._start.get(name), cpu_seconds(pid)
+            if before is None or after is None or elapsed <= 0:
+                out[name] = None
+            else:
+                out[name] = round(100 * (after - before) / elapsed, 1)
+        return out
+
+
+# -- child processes ------------------------------------------------------------------------
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+async def _end_process(proc: asyncio.subprocess.Process, timeout_s: float) -> float:
+    """SIGTERM, wait up to `timeout_s`, then SIGKILL; returns the seconds it took."""
+    started = time.perf_counter()
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    return time.perf_counter() - started
+
+
+class BrokerProcess:
+    """`python -m broker.cli serve --insecure-dev` on 127.0.0.1:0 over a fresh data folder."""
+
+    def __init__(self, data_dir: Path, log_path: Path, durability: str) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.durability = durability
+        self.proc: asyncio.subprocess.Process | None = None
+        self.target = ""
+        self.loop = ""
+        self.extensions = ""
+        self.exit_code: int | None = None
+        self.shutdown_s: float | None = None
+        self.memory_mb: dict[str, float] = {}
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def __aenter__(self) -> BrokerProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        self._log = self.log_path.open("wb")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "broker.cli",
+            "serve",
+            "--insecure-dev",
+            "--listen",
+            f"{LOOPBACK}:0",
+            "--data",
+            str(self.data_dir),
+            "--durability",
+            self.durability,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self._log,
+            cwd=PROJECT_ROOT,
+        )
+        assert self.proc.stdout is not None
+        try:
+            line = (await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)).decode()
+        except TimeoutError:
+            line = ""
+        ready = READY_LINE.search(line)
+        if ready is None or ready["host"] != LOOPBACK:
+            await self.stop()
+            raise RuntimeError(
+                f"broker did not start (got {line.strip()!r}); log tail:\n{_tail(self.log_path)}"
+            )
+        self.target = f"{LOOPBACK}:{ready['port']}"
+        self.loop = ready["loop"]
+        self.extensions = ready["extensions"]
+
+    async def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (the broker drains and closes LMDB), SIGKILL if it takes too long."""
+        if self.proc is not None and self.exit_code is None:
+            self.memory_mb = memory_mb(self.proc.pid)
+            self.shutdown_s = round(await _end_process(self.proc, timeout_s), 3)
+            self.exit_code = self.proc.returncode
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def describe(self) -> dict[str, Any]:
+        """How the process went: memory at the end, shutdown time, exit code, log file."""
+        return {
+            "memory_mb": self.memory_mb,
+            "shutdown_s": self.shutdown_s,
+            "exit_code": self.exit_code,
+            "log": str(self.log_path),
+        }
+
+    def log_problems(self) -> list[str]:
+        """WARNING/ERROR/CRITICAL lines and tracebacks the broker logged."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        keep = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
+        return [line for line in text.splitlines() if any(k in line for k in keep)]
+
+
+class CarsProcess:
+    """Simulated cars in their own process (`python -m loadtests._util cars`)."""
+
+    def __init__(self, target: str, count: int, prefix: str, log_path: Path) -> None:
+        self.target = target
+        self.count = count
+        self.prefix = prefix
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.summary: dict[str, Any] = {}
+        self._log: IO[bytes] | None = None
+
+    @property
+    def vehicle_ids(self) -> list[str]:
+        return [f"{self.prefix}{i}" for i in range(self.count)]
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def __aenter__(self) -> CarsProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        self._log = self.log_path.open("wb")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "loadtests._util",
+            "cars",
+            "--target",
+            self.target,
+            "--cars",
+            str(self.count),
+            "--prefix",
+            self.prefix,
+            "--connect-timeout",
+            str(timeout_s),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self._log,
+            cwd=PROJECT_ROOT,
+        )
+        assert self.proc.stdout is not None
+        try:
+            line = (await asyncio.wait_for(self.proc.stdout.readline(), timeout_s + 5)).decode()
+        except TimeoutError:
+            line = ""
+        if not line.startswith(CARS_READY):
+            await self.stop()
+            raise RuntimeError(
+                f"simulated cars did not connect (got {line.strip()!r}); "
+                f"log tail:\n{_tail(self.log_path)}"
+            )
+
+    async def stop(self, timeout_s: float = 15.0) -> None:
+        """Close stdin (the cars hang up and report), SIGTERM/SIGKILL if they linger."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            assert proc.stdin is not None and proc.stdout is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            try:
+                rest = await asyncio.wait_for(proc.stdout.read(), timeout_s)
+                for line in rest.decode(errors="replace").splitlines():
+                    if line.startswith("{"):
+                        self.summary = json.loads(line)
+            except (TimeoutError, ValueError):
+                pass
+            await _end_process(proc, 5.0)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# -- the simulated-car process --------------------------------------------------------------
+
+
+def _describe(error: Any) -> str:
+    """A stream's last error: status, details and grpc core's own words, if any."""
+    text = f"{error.code().name}: {error.details()}"
+    core = re.search(r"grpc_call_error value: '(\w+)'", error.debug_error_string() or "")
+    return f"{text} ({core[1]})" if core else text
+
+
+async def _succeed(payload: bytes) -> bool:
+    return True
+
+
+async def _stdin_closed() -> None:
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.read(65536):
+        pass
+
+
+async def run_cars(target: str, count: int, prefix: str, connect_timeout_s: float) -> None:
+    """Hold `count` vehicle streams that execute unlock/lock at once, until stdin closes."""
+    import grpc
+
+    from broker.vehicle import VehicleAgent
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    channels: list[Any] = []
+    agents: list[VehicleAgent] = []
+    for index in range(count):
+        if index % CARS_PER_CHANNEL == 0:
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            channels.append(grpc.aio.insecure_channel(target, options=options))
+        agents.append(
+            VehicleAgent(
+                target,
+                f"{prefix}{index}",
+                channel=channels[-1],
+                firmware="bench",
+                handlers={"unlock": _succeed, "lock": _succeed},
+                backoff_base_s=0.05,
+                backoff_cap_s=1.0,
+            )
+        )
+    tasks = [asyncio.create_task(agent.run()) for agent in agents]
+    try:
+        waits = (agent.connected.wait() for agent in agents)
+        await asyncio.wait_for(asyncio.gather(*waits), connect_timeout_s)
+        print(f"{CARS_READY} {count}", flush=True)
+        watcher = asyncio.create_task(_stdin_closed())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        stopper.cancel()
+        summary = {
+            "loop": "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
+            "cars": count,
+            "executed": sum(len(agent.executed) for agent in agents),
+            "connects": sum(agent.connects for agent in agents),
+            "still_connected": sum(agent.connected.is_set() for agent in agents),
+            "stream_errors": dict(
+                Counter(_describe(agent.last_error) for agent in agents if agent.last_error)
+            ),
+        }
+        print(json.dumps(summary), flush=True)
+    finally:
+        for agent in agents:
+            await agent.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests._util")
+    sub = parser.add_subparsers(dest="role", required=True)
+    cars = sub.add_parser("cars", help="simulated cars for the bench")
+    cars.add_argument("--target", required=True)
+    cars.add_argument("--cars", type=int, required=True)
+    cars.add_argument("--prefix", default="car-")
+    cars.add_argument("--connect-timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    host = args.target.rpartition(":")[0]
+    if host != LOOPBACK:
+        parser.error(f"the bench only talks to {LOOPBACK}, not {host!r}")
+    from broker.server import install_event_loop_policy
+
+    install_event_loop_policy()
+    asyncio.run(run_cars(args.target, args.cars, args.prefix, args.connect_timeout))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
