@@ -27,7 +27,7 @@ from broker.server import server_options
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 from tests.conftest import SECRET
-from tests.e2e.test_crash import BrokerProcess
+from tests.e2e.conftest import BrokerProcess
 
 #: Streams per burst. On 2 cores the bare server loses ~20% of 3000 with grpc's defaults;
 #: the broker takes 5000 in ~3 s (10000 in ~6 s).

@@ -24,7 +24,7 @@ import pytest
 import broker
 from broker.auth import Authenticator, issue_token
 from tests.conftest import SECRET
-from tests.e2e.test_crash import BrokerProcess, clean_env
+from tests.e2e.conftest import BrokerProcess, clean_env
 
 CLI = [sys.executable, "-m", "broker.cli"]
 TIMEOUT_S = 30
