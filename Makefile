@@ -16,9 +16,10 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
-## Run the broker on its embedded default: LMDB in ./broker-data, 127.0.0.1:50051, no auth.
+## Run the broker on its embedded default: LMDB in ./broker-data, 127.0.0.1:50051, no auth;
+## Prometheus metrics on http://127.0.0.1:9464/metrics.
 serve: $(STAMP)
-	$(VENV)/bin/broker serve --insecure-dev
+	$(VENV)/bin/broker serve --insecure-dev --metrics 127.0.0.1:9464
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check broker broker_ext loadtests tests setup.py

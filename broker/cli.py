@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure-dev", action="store_true", default=None,
                        help="no auth; refuses to bind anything but loopback")  # fmt: skip
     serve.add_argument("--durability", choices=["fsync", "relaxed"])
+    serve.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics (default: off)")
     serve.add_argument("--log-format", choices=["text", "json"])
 
     send = sub.add_parser("send", help="send a command to a vehicle")
@@ -201,6 +202,7 @@ def _serve(args: argparse.Namespace) -> int:
             "data_dir": args.data,
             "insecure_dev": args.insecure_dev,
             "durability": args.durability,
+            "metrics_listen": args.metrics,
             "log_format": args.log_format,
         },
         config_file=args.config,

@@ -13,6 +13,8 @@ import asyncio
 import json
 import math
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -31,10 +33,12 @@ LANE_NAMES = {"critical": t.CRITICAL, "interactive": t.INTERACTIVE, "bulk": t.BU
 class BrokerRpcError(Exception):
     """A call the broker refused or could not complete; `code` is the gRPC status name."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_ms: int | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        #: the broker's `grpc-retry-pushback-ms` hint, when it sent one
+        self.retry_after_ms = retry_after_ms
 
 
 def command_to_dict(command: Any) -> dict[str, Any]:
@@ -64,8 +68,15 @@ def command_to_dict(command: Any) -> dict[str, Any]:
     return out
 
 
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
 def _rpc_error(error: grpc.aio.AioRpcError) -> BrokerRpcError:
-    return BrokerRpcError(error.code().name, error.details() or "")
+    pushback = None
+    for key, value in error.trailing_metadata() or ():
+        if key == PUSHBACK_KEY and str(value).isdigit():
+            pushback = int(value)
+    return BrokerRpcError(error.code().name, error.details() or "", pushback)
 
 
 class BrokerClient:
@@ -78,11 +89,18 @@ class BrokerClient:
         token: str | None = None,
         channel: grpc.aio.Channel | None = None,
         timeout_s: float = 30.0,
+        max_pushback_retries: int = 3,
     ) -> None:
+        """`max_pushback_retries`: how often a call refused with UNAVAILABLE and a pushback
+        hint is retried after the hinted delay (0 disables). Retries are safe: sends carry
+        an idempotency key (one is generated when the caller gives none)."""
         self._channel = channel or grpc.aio.insecure_channel(target)
         self._owns_channel = channel is None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout_s = timeout_s
+        self._max_pushback_retries = max_pushback_retries
+        #: calls refused with a pushback hint, and retries made because of one
+        self.pushbacks = 0
 
     async def __aenter__(self) -> BrokerClient:
         return self
@@ -102,12 +120,23 @@ class BrokerClient:
             request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString,
         )
-        try:
-            return await call(
-                request, metadata=self._metadata, timeout=timeout_s or self._timeout_s
-            )
-        except grpc.aio.AioRpcError as error:
-            raise _rpc_error(error) from None
+        deadline = time.monotonic() + (timeout_s or self._timeout_s)
+        retries = 0
+        while True:
+            try:
+                return await call(
+                    request, metadata=self._metadata, timeout=deadline - time.monotonic()
+                )
+            except grpc.aio.AioRpcError as error:
+                refusal = _rpc_error(error)
+            if refusal.code != "UNAVAILABLE" or refusal.retry_after_ms is None:
+                raise refusal
+            self.pushbacks += 1
+            delay_s = refusal.retry_after_ms / 1000
+            if retries >= self._max_pushback_retries or time.monotonic() + delay_s >= deadline:
+                raise refusal
+            retries += 1
+            await asyncio.sleep(delay_s)
 
     async def send_command(
         self,
@@ -124,7 +153,8 @@ class BrokerClient:
     ) -> Any:
         """Send one command; with `wait`, return the status reached within `timeout_s`."""
         request = build_request(
-            vehicle_id, name, payload, lane=lane, ttl_s=ttl_s, idempotency_key=idempotency_key,
+            vehicle_id, name, payload, lane=lane, ttl_s=ttl_s,
+            idempotency_key=idempotency_key or self._retry_key(),
             coalesce_key=coalesce_key, wait=wait, timeout_s=timeout_s,
         )  # fmt: skip
         rpc_timeout = (timeout_s or 30.0) + self._timeout_s if wait != "none" else None
@@ -133,7 +163,13 @@ class BrokerClient:
     async def send_commands(self, requests: Iterable[Any]) -> Any:
         """Send a batch of `SendCommandRequest`s (see `build_request`) in one durable write."""
         batch = svc.SendCommandsRequest(commands=list(requests))
+        for item in batch.commands:
+            item.idempotency_key = item.idempotency_key or self._retry_key()
         return await self._unary("SendCommands", batch, svc.SendCommandsResponse)
+
+    def _retry_key(self) -> str:
+        """An idempotency key that makes a pushback retry return the first command."""
+        return f"sdk-{uuid.uuid4().hex}" if self._max_pushback_retries else ""
 
     async def get_command(self, command_id: str) -> Any:
         return await self._unary(

@@ -54,6 +54,8 @@ FALLBACK_POLICY = CommandPolicy(types_pb2.INTERACTIVE, 300, 60)
 @dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:50051"
+    #: HOST:PORT for Prometheus /metrics; empty disables it
+    metrics_listen: str = ""
     data_dir: Path = Path("broker-data")
     insecure_dev: bool = False
     #: HMAC secret for tokens (required unless insecure_dev). Never logged.
@@ -85,9 +87,14 @@ class Config:
         return self.commands.get(name, FALLBACK_POLICY)
 
     def validate(self) -> None:
-        host, _, port = self.listen.rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
-            raise InvalidArgument(f"listen: expected HOST:PORT, got {self.listen!r}")
+        for name in ("listen", "metrics_listen"):
+            value = getattr(self, name)
+            host, _, port = value.rpartition(":")
+            if (value or name == "listen") and (
+                not host or not port.isdigit() or int(port) > 65535
+            ):
+                raise InvalidArgument(f"{name}: expected HOST:PORT, got {value!r}")
+        host = self.listen.rpartition(":")[0]
         if self.insecure_dev and not _is_loopback(host):
             raise InvalidArgument(
                 f"--insecure-dev disables auth and binds loopback only; refusing {host!r}"

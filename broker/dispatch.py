@@ -50,6 +50,8 @@ class Dispatcher:
         self._events = events
         self._config = config
         self._queues: dict[str, _VehicleQueue] = {}
+        #: non-terminal commands held (the durable queue's depth), for metrics and budgets
+        self.pending_total = 0
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- services ------------------------------------------------------------------------
@@ -60,6 +62,7 @@ class Dispatcher:
         for command in pending:
             queue = self._queues.setdefault(command.vehicle_id, _VehicleQueue())
             queue.commands[command.command_id] = command
+            self.pending_total += 1
             if command.status == t.ACKED:
                 queue.in_flight.add(command.command_id)
             else:
@@ -79,6 +82,7 @@ class Dispatcher:
             command = result.command
             queue = self._queues.setdefault(command.vehicle_id, _VehicleQueue())
             queue.commands[command.command_id] = command
+            self.pending_total += 1
             queue.push(command)
             self._events.publish(command)
             touched.add(command.vehicle_id)
@@ -243,7 +247,8 @@ class Dispatcher:
         if queue is None:
             return
         if command.status in TERMINAL:
-            queue.commands.pop(command.command_id, None)
+            if queue.commands.pop(command.command_id, None) is not None:
+                self.pending_total -= 1
             freed = command.command_id in queue.in_flight
             queue.in_flight.discard(command.command_id)
             if not queue.commands:

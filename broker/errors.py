@@ -10,9 +10,11 @@ class BrokerError(Exception):
 
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        #: sent as the `grpc-retry-pushback-ms` trailer: when the caller may try again
+        self.retry_after_ms = retry_after_ms
 
 
 # Caller mistakes ------------------------------------------------------------

@@ -31,8 +31,11 @@ class EventHub:
         self._waiters: dict[str, list[tuple[Predicate, asyncio.Future[Any]]]] = {}
         self._watchers: set[_Watcher] = set()
         self._watcher_depth = watcher_depth
+        #: status -> how many changes to it were published (command outcomes, for metrics)
+        self.status_counts: dict[int, int] = {}
 
     def publish(self, command: Any) -> None:
+        self.status_counts[command.status] = self.status_counts.get(command.status, 0) + 1
         waiters = self._waiters.get(command.command_id)
         if waiters:
             keep = []

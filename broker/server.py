@@ -16,6 +16,7 @@ from broker.config import Config
 from broker.dispatch import Dispatcher
 from broker.errors import Unavailable
 from broker.events import EventHub
+from broker.metrics import serve_metrics
 from broker.service import Servicer
 from broker.sessions import SessionRegistry
 from broker.state import VehicleStates
@@ -78,6 +79,8 @@ class Broker:
         self.port = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = False
+        self._metrics_server: Any = None
+        self.metrics_port = 0
 
     async def start(self) -> int:
         """Recover, bind, serve; returns the bound port (so `listen` may end in :0)."""
@@ -106,6 +109,9 @@ class Broker:
         self.server, self.port = server, port
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_listen:
+            self._metrics_server = serve_metrics(self, self.config.metrics_listen)
+            self.metrics_port = int(self._metrics_server.server_port)
         self._tasks = [
             asyncio.create_task(self.dispatcher.run_timers(), name="timers"),
             asyncio.create_task(
@@ -139,6 +145,9 @@ class Broker:
         with contextlib.suppress(Exception):
             await self.states.flush()
         await self.store.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
 
 def install_event_loop_policy() -> str:

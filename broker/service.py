@@ -127,7 +127,7 @@ class Servicer:
                 principal = self._principal(context, scope)
                 return await method(_parse(request_type, raw), principal)
             except BrokerError as exc:
-                await context.abort(exc.status, exc.message)
+                await _abort(context, exc)
             except Exception:
                 logger.exception("unexpected error in %s", method.__name__)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged)")
@@ -146,7 +146,7 @@ class Servicer:
                 async for item in method(_parse(request_type, raw), principal):
                     yield item
             except BrokerError as exc:
-                await context.abort(exc.status, exc.message)
+                await _abort(context, exc)
             except Exception:
                 logger.exception("unexpected error in %s", method.__name__)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged)")
@@ -297,7 +297,7 @@ class Servicer:
         try:
             await self._connect(context)
         except BrokerError as exc:
-            await context.abort(exc.status, exc.message)
+            await _abort(context, exc)
 
     async def _connect(self, context: Context) -> None:
         metadata = context.invocation_metadata() or ()
@@ -393,6 +393,16 @@ class Servicer:
         except Exception as exc:  # the stream broke under us (e.g. the car vanished)
             logger.debug("vehicle %s stream read ended: %r", vehicle_id, exc)
             session.close()
+
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+async def _abort(context: Context, error: BrokerError) -> None:
+    """End the call with the error's status; a retry hint travels as the pushback trailer."""
+    if error.retry_after_ms is not None:
+        context.set_trailing_metadata(((PUSHBACK_KEY, str(error.retry_after_ms)),))
+    await context.abort(error.status, error.message)
 
 
 def _serialize(message: Any) -> bytes:

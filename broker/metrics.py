@@ -1,0 +1,72 @@
+"""Prometheus metrics, read from the domain objects at scrape time.
+
+The hot paths only bump plain integers; this collector turns them into metric
+families when Prometheus scrapes, so visibility costs nothing per command.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from broker.v1 import types_pb2 as t
+
+if TYPE_CHECKING:
+    from broker.server import Broker
+
+logger = logging.getLogger(__name__)
+
+
+def _lane(lane: int) -> str:
+    return t.Lane.Name(lane).lower()
+
+
+class BrokerCollector(Collector):
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def collect(self) -> Iterator[Any]:
+        broker = self._broker
+        outcomes = CounterMetricFamily(
+            "broker_command_status_changes",
+            "Recorded command status changes (outcomes), by status",
+            labels=["status"],
+        )
+        for status, count in sorted(broker.events.status_counts.items()):
+            outcomes.add_metric([t.CommandStatus.Name(status)], count)
+        yield outcomes
+        yield GaugeMetricFamily(
+            "broker_durable_queue_depth",
+            "Non-terminal commands held (queued, in flight or awaiting a result)",
+            value=broker.dispatcher.pending_total,
+        )
+        yield GaugeMetricFamily(
+            "broker_vehicle_streams", "Live vehicle streams", value=len(broker.sessions)
+        )
+        yield GaugeMetricFamily(
+            "broker_command_watchers",
+            "Open WatchCommands streams",
+            value=broker.events.watcher_count,
+        )
+        writer = broker.store.writer
+        yield CounterMetricFamily(
+            "broker_store_commits", "LMDB group commits", value=writer.groups_committed
+        )
+        yield CounterMetricFamily(
+            "broker_store_operations", "Store operations committed", value=writer.ops_committed
+        )
+
+
+def serve_metrics(broker: Broker, listen: str) -> Any:
+    """Expose /metrics on `listen` (HOST:PORT); returns the HTTP server (call shutdown())."""
+    registry = CollectorRegistry()
+    registry.register(BrokerCollector(broker))
+    host, _, port = listen.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    logger.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    return server

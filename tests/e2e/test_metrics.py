@@ -1,0 +1,47 @@
+"""The Prometheus endpoint reports what the broker did."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+async def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            return str(reply.read().decode())
+
+    text = await asyncio.to_thread(fetch)
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def test_metrics_count_outcomes_queue_depth_and_streams(
+    start_broker: Callable[..., Any],
+) -> None:
+    running = await start_broker(metrics_listen="127.0.0.1:0")
+    port = running.broker.metrics_port
+    assert port > 0
+    client = running.client()
+    for vehicle in ("m-1", "m-2", "m-3"):
+        await client.send_command(vehicle, "climate")
+    agent = running.agent("m-4")
+    task = asyncio.create_task(agent.run())
+    await asyncio.wait_for(agent.connected.wait(), 5)
+    samples = await _scrape(port)
+    assert samples[("broker_durable_queue_depth", ())] == 3
+    assert samples[("broker_vehicle_streams", ())] == 1
+    assert samples[("broker_command_status_changes_total", (("status", "QUEUED"),))] == 3
+    assert samples[("broker_store_operations_total", ())] >= 3
+    await client.cancel_command((await client.list_commands("m-1"))[0].command_id)
+    samples = await _scrape(port)
+    assert samples[("broker_durable_queue_depth", ())] == 2
+    assert samples[("broker_command_status_changes_total", (("status", "CANCELED"),))] == 1
+    task.cancel()
