@@ -76,6 +76,9 @@ class Config:
     default_wait_timeout_s: float = 30
     max_wait_timeout_s: float = 300
     hello_timeout_s: float = 10
+    #: new vehicle streams admitted per second (reconnect-storm control), and the burst
+    new_streams_per_s: float = 2000
+    new_streams_burst: float = 2000
     sweep_interval_s: float = 0.25
     state_flush_interval_s: float = 1.0
     max_state_fields: int = 256
@@ -111,7 +114,8 @@ class Config:
         positive = [
             "group_commit_max", "map_size_mb", "window", "max_payload_bytes", "max_batch",
             "max_message_bytes", "default_wait_timeout_s", "max_wait_timeout_s",
-            "hello_timeout_s", "sweep_interval_s", "state_flush_interval_s", "max_state_fields",
+            "hello_timeout_s", "new_streams_per_s", "new_streams_burst", "sweep_interval_s",
+            "state_flush_interval_s", "max_state_fields",
         ]  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

@@ -53,6 +53,14 @@ class BrokerCollector(Collector):
             "Open WatchCommands streams",
             value=broker.events.watcher_count,
         )
+        admissions = CounterMetricFamily(
+            "broker_stream_admissions",
+            "New vehicle streams, admitted or told to reconnect later (storm control)",
+            labels=["decision"],
+        )
+        admissions.add_metric(["admitted"], broker.stream_gate.admitted)
+        admissions.add_metric(["deferred"], broker.stream_gate.deferred)
+        yield admissions
         writer = broker.store.writer
         yield CounterMetricFamily(
             "broker_store_commits", "LMDB group commits", value=writer.groups_committed

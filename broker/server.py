@@ -18,7 +18,7 @@ from broker.errors import Unavailable
 from broker.events import EventHub
 from broker.metrics import serve_metrics
 from broker.service import Servicer
-from broker.sessions import SessionRegistry
+from broker.sessions import SessionRegistry, StreamGate
 from broker.state import VehicleStates
 from broker.store import Store
 from broker.v1 import command_service_pb2, vehicle_link_pb2
@@ -75,6 +75,7 @@ class Broker:
         self.dispatcher = Dispatcher(self.store, self.sessions, self.events, config)
         self.states = VehicleStates(self.store, self.sessions, max_fields=config.max_state_fields)
         self.health = health.aio.HealthServicer()
+        self.stream_gate = StreamGate(config.new_streams_per_s, config.new_streams_burst)
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._tasks: list[asyncio.Task[Any]] = []
@@ -90,7 +91,13 @@ class Broker:
         logger.info("recovered %d pending commands (%d expired or timed out)", recovered, expired)
         auth = Authenticator(self.config.auth_secret, insecure_dev=self.config.insecure_dev)
         servicer = Servicer(
-            self.config, auth, self.store, self.dispatcher, self.events, self.states
+            self.config,
+            auth,
+            self.store,
+            self.dispatcher,
+            self.events,
+            self.states,
+            self.stream_gate,
         )
         server = grpc.aio.server(options=server_options(self.config))
         server.add_generic_rpc_handlers(servicer.handlers())

@@ -22,7 +22,7 @@ from broker.config import Config
 from broker.dispatch import Dispatcher
 from broker.errors import BrokerError, InvalidArgument, NotFound, PermissionDenied
 from broker.events import EventHub
-from broker.sessions import CLOSE, Session
+from broker.sessions import CLOSE, Session, StreamGate
 from broker.state import VehicleStates
 from broker.store import TERMINAL, NewCommand, Store
 from broker.v1 import command_service_pb2 as svc
@@ -66,8 +66,10 @@ class Servicer:
         dispatcher: Dispatcher,
         events: EventHub,
         states: VehicleStates,
+        stream_gate: StreamGate,
     ) -> None:
         self._config = config
+        self._stream_gate = stream_gate
         self._auth = auth
         self._store = store
         self._dispatcher = dispatcher
@@ -304,6 +306,7 @@ class Servicer:
         principal = self._principal(context, None)
         claimed = next((str(v) for k, v in metadata if k == VEHICLE_ID_HEADER), None)
         vehicle_id = check_id("vehicle id", self._auth.vehicle_identity(principal, claimed))
+        self._stream_gate.admit()
         try:
             first = await asyncio.wait_for(context.read(), self._config.hello_timeout_s)
         except TimeoutError:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import time
 from typing import Any
 
-from broker.errors import BrokerError, Replaced
+from broker.errors import BrokerError, Replaced, Unavailable
 
 #: Put in a session's outbox to end its stream.
 CLOSE = object()
@@ -68,3 +70,44 @@ class SessionRegistry:
 
     def all(self) -> list[Session]:
         return list(self._by_vehicle.values())
+
+
+class StreamGate:
+    """Admits new vehicle streams at a bounded rate, so a reconnect storm is spread out.
+
+    A token bucket: `rate_per_s` new streams a second, bursts up to `burst`. A stream
+    refused here is told when to come back (UNAVAILABLE with a jittered retry-after that
+    grows with the backlog), so a whole fleet reconnecting after a crash arrives as a
+    ramp the broker can take instead of a wall that knocks it over again.
+    """
+
+    def __init__(self, rate_per_s: float, burst: float, *, max_wait_s: float = 60.0) -> None:
+        self._rate = rate_per_s
+        self._burst = burst
+        self._tokens = burst
+        self._updated = time.monotonic()
+        self._max_wait_s = max_wait_s
+        self._deferred_recently = 0.0  # decays: how many were told to wait lately
+        self.admitted = 0
+        self.deferred = 0
+
+    def admit(self) -> None:
+        """Take a token or raise Unavailable with a jittered retry-after."""
+        now = time.monotonic()
+        elapsed = now - self._updated
+        self._updated = now
+        self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+        self._deferred_recently = max(0.0, self._deferred_recently - elapsed * self._rate)
+        if self._tokens >= 1:
+            self._tokens -= 1
+            self.admitted += 1
+            return
+        self.deferred += 1
+        self._deferred_recently += 1
+        # Spread everyone told to wait over the time the backlog needs at our rate.
+        backlog_s = min(self._max_wait_s, max(1.0, self._deferred_recently / self._rate))
+        retry_ms = int(random.uniform(0.5, 1.0) * backlog_s * 1000)
+        raise Unavailable(
+            "the broker is admitting new vehicle streams at a bounded rate; reconnect later",
+            retry_after_ms=retry_ms,
+        )

@@ -109,6 +109,7 @@ class VehicleAgent:
                 delay_hint_s = await self.connect_once()
             except grpc.aio.AioRpcError as error:
                 self.last_error = error
+                delay_hint_s = _pushback_s(error)
                 if error.code() in (
                     grpc.StatusCode.UNAUTHENTICATED,
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -275,3 +276,11 @@ class VehicleAgent:
         return link.CommandResult(
             command_id=command.command_id, success=success, message=message, detail=detail
         )
+
+
+def _pushback_s(error: grpc.aio.AioRpcError) -> float:
+    """The broker's `grpc-retry-pushback-ms` hint in seconds (0 when it sent none)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-retry-pushback-ms" and str(value).isdigit():
+            return int(value) / 1000
+    return 0.0

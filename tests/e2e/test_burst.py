@@ -136,7 +136,13 @@ async def test_grpc_default_pending_limits_fail_part_of_a_burst_and_ours_do_not(
 
 @pytest.fixture
 def broker_process(tmp_path: Path) -> Iterator[BrokerProcess]:
-    process = BrokerProcess(tmp_path / "data", tmp_path / "broker")
+    # This burst tests grpc's pending-request limits, not our stream gate: open it wide.
+    wide_gate = {
+        "BROKER_AUTH_SECRET": SECRET,
+        "BROKER_NEW_STREAMS_PER_S": "1000000",
+        "BROKER_NEW_STREAMS_BURST": "1000000",
+    }
+    process = BrokerProcess(tmp_path / "data", tmp_path / "broker", env=wide_gate)
     try:
         yield process.start()
     finally:
@@ -190,3 +196,23 @@ async def test_broker_welcomes_every_stream_of_a_burst_and_commands_still_flow(
         assert (reply.command.status, reply.wait_timed_out) == (t.SUCCEEDED, False)
     finally:
         await close_streams(channels, calls)
+
+
+async def test_stream_gate_spreads_a_reconnect_storm_and_every_car_gets_in(
+    start_broker: Callable[..., Any],
+) -> None:
+    """Past the admitted rate, cars are told when to come back, and all of them make it."""
+    running = await start_broker(new_streams_per_s=200, new_streams_burst=50)
+    fleet = running.fleet([f"gate-{i}" for i in range(400)])
+    started = time.monotonic()
+    await fleet.start()
+    await fleet.wait_connected(timeout_s=30)
+    elapsed_s = time.monotonic() - started
+    gate = running.broker.stream_gate
+    assert gate.admitted == 400
+    assert gate.deferred > 0  # the storm was pushed back, not failed
+    assert elapsed_s >= (400 - 50) / 200 * 0.9  # admitted no faster than the rate
+    refusals = {
+        car.agent.last_error.code() for car in fleet.cars if car.agent.last_error is not None
+    }
+    assert refusals <= {grpc.StatusCode.UNAVAILABLE}
