@@ -82,6 +82,12 @@ class Config:
     sweep_interval_s: float = 0.25
     state_flush_interval_s: float = 1.0
     max_state_fields: int = 256
+    #: telemetry verbosity guard budgets (see broker/telemetry.py); per broker process
+    telemetry_car_msgs_per_s: float = 2
+    telemetry_car_bytes_per_s: float = 4096
+    telemetry_fleet_msgs_per_s: float = 5000
+    telemetry_fleet_bytes_per_s: float = 4_000_000
+    telemetry_hold_s: float = 30
     grace_s: float = 5
     log_format: str = "text"
     commands: Mapping[str, CommandPolicy] = field(default_factory=lambda: DEFAULT_COMMANDS)
@@ -115,7 +121,9 @@ class Config:
             "group_commit_max", "map_size_mb", "window", "max_payload_bytes", "max_batch",
             "max_message_bytes", "default_wait_timeout_s", "max_wait_timeout_s",
             "hello_timeout_s", "new_streams_per_s", "new_streams_burst", "sweep_interval_s",
-            "state_flush_interval_s", "max_state_fields",
+            "state_flush_interval_s", "max_state_fields", "telemetry_car_msgs_per_s",
+            "telemetry_car_bytes_per_s", "telemetry_fleet_msgs_per_s",
+            "telemetry_fleet_bytes_per_s", "telemetry_hold_s",
         ]  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

@@ -126,13 +126,17 @@ class Dispatcher:
             self._record(self._store.mark_acked(command_id, now_ms=now_ms()))
         self._pump(session.vehicle_id)
 
-    def disconnect(self, session: Session) -> None:
-        """A stream ended; if it was the car's live one, its unacked commands wait again."""
+    def disconnect(self, session: Session) -> bool:
+        """A stream ended; if it was the car's live one, its unacked commands wait again.
+
+        True when it was the live one (the car is now offline), False when it had been
+        replaced by a newer stream.
+        """
         if not self._sessions.detach(session):
-            return
+            return False
         queue = self._queues.get(session.vehicle_id)
         if queue is None:
-            return
+            return True
         unacked = [cid for cid, c in queue.commands.items() if c.status == t.ACCEPTED]
         for command_id in list(queue.in_flight):
             command = queue.commands.get(command_id)
@@ -142,6 +146,7 @@ class Dispatcher:
                 unacked.append(command_id)
         if unacked:
             self._record(self._store.requeue(unacked, now_ms=now_ms()))
+        return True
 
     def may_send(self, frame: Any) -> bool:
         """Last check before a command frame goes on the wire: never after expires_at."""

@@ -61,6 +61,32 @@ class BrokerCollector(Collector):
         admissions.add_metric(["admitted"], broker.stream_gate.admitted)
         admissions.add_metric(["deferred"], broker.stream_gate.deferred)
         yield admissions
+        counters = broker.telemetry.counters
+        for unit in ("msgs", "bytes"):
+            family = CounterMetricFamily(
+                f"broker_telemetry_{unit}",
+                f"Inbound telemetry {unit} by what the verbosity guard did with them",
+                labels=["outcome"],
+            )
+            for outcome in ("admitted", "coalesced", "sampled_out", "shed"):
+                family.add_metric([outcome], getattr(counters, f"{outcome}_{unit}"))
+            yield family
+        levels = GaugeMetricFamily(
+            "broker_telemetry_cars", "Connected cars by telemetry guard level", labels=["level"]
+        )
+        for level, count in broker.telemetry.cars_by_level().items():
+            levels.add_metric([level.name.lower()], count)
+        yield levels
+        yield GaugeMetricFamily(
+            "broker_telemetry_fleet_level",
+            "Fleet-wide telemetry guard level (0 normal, 1 coalesce, 2 sample, 3 shed)",
+            value=int(broker.telemetry.fleet_level),
+        )
+        yield CounterMetricFamily(
+            "broker_telemetry_policy_updates",
+            "Control frames sent to change a car's telemetry policy",
+            value=counters.policy_updates,
+        )
         writer = broker.store.writer
         yield CounterMetricFamily(
             "broker_store_commits", "LMDB group commits", value=writer.groups_committed

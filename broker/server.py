@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -12,15 +14,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker.auth import Authenticator
+from broker.clock import now_ms
 from broker.config import Config
 from broker.dispatch import Dispatcher
-from broker.errors import Unavailable
+from broker.errors import BrokerError, Unavailable
 from broker.events import EventHub
 from broker.metrics import serve_metrics
-from broker.service import Servicer
+from broker.service import Servicer, telemetry_control
 from broker.sessions import SessionRegistry, StreamGate
 from broker.state import VehicleStates
 from broker.store import Store
+from broker.telemetry import TelemetryGuard
 from broker.v1 import command_service_pb2, vehicle_link_pb2
 from broker.v1 import vehicle_link_pb2 as link
 
@@ -76,6 +80,14 @@ class Broker:
         self.states = VehicleStates(self.store, self.sessions, max_fields=config.max_state_fields)
         self.health = health.aio.HealthServicer()
         self.stream_gate = StreamGate(config.new_streams_per_s, config.new_streams_burst)
+        self.telemetry = TelemetryGuard(
+            car_msgs_per_s=config.telemetry_car_msgs_per_s,
+            car_bytes_per_s=config.telemetry_car_bytes_per_s,
+            fleet_msgs_per_s=config.telemetry_fleet_msgs_per_s,
+            fleet_bytes_per_s=config.telemetry_fleet_bytes_per_s,
+            hold_s=config.telemetry_hold_s,
+            max_signals_per_car=config.max_state_fields,
+        )
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._tasks: list[asyncio.Task[Any]] = []
@@ -98,6 +110,7 @@ class Broker:
             self.events,
             self.states,
             self.stream_gate,
+            self.telemetry,
         )
         server = grpc.aio.server(options=server_options(self.config))
         server.add_generic_rpc_handlers(servicer.handlers())
@@ -121,11 +134,27 @@ class Broker:
             self.metrics_port = int(self._metrics_server.server_port)
         self._tasks = [
             asyncio.create_task(self.dispatcher.run_timers(), name="timers"),
-            asyncio.create_task(
-                self.states.run(self.config.state_flush_interval_s), name="state-flush"
-            ),
+            asyncio.create_task(self._flush_state(), name="state-flush"),
         ]
         return port
+
+    async def _flush_state(self) -> None:
+        """Apply coalesced telemetry, persist state, and restore cars that went quiet."""
+        interval = self.config.state_flush_interval_s
+        sweep_every = max(1, round(5 / interval))  # restoring quiet cars needs no hurry
+        for tick in itertools.count(1):
+            await asyncio.sleep(interval)
+            for vehicle_id, signals in self.telemetry.take_coalesced().items():
+                self.states.report(vehicle_id, signals, now_ms())
+            if tick % sweep_every == 0:
+                for vehicle_id, policy in self.telemetry.sweep(time.monotonic()):
+                    session = self.sessions.get(vehicle_id)
+                    if session is not None:
+                        session.send(telemetry_control(policy))
+            try:
+                await self.states.flush()
+            except BrokerError as exc:
+                logger.warning("state flush failed: %s", exc.message)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Health NOT_SERVING, stop accepting, drain streams, flush the store, close."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,8 +24,9 @@ from broker.dispatch import Dispatcher
 from broker.errors import BrokerError, InvalidArgument, NotFound, PermissionDenied
 from broker.events import EventHub
 from broker.sessions import CLOSE, Session, StreamGate
-from broker.state import VehicleStates
+from broker.state import VehicleStates, check_signals
 from broker.store import TERMINAL, NewCommand, Store
+from broker.telemetry import TelemetryGuard, TelemetryPolicyValues, Verdict
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
@@ -67,9 +69,11 @@ class Servicer:
         events: EventHub,
         states: VehicleStates,
         stream_gate: StreamGate,
+        guard: TelemetryGuard,
     ) -> None:
         self._config = config
         self._stream_gate = stream_gate
+        self._guard = guard
         self._auth = auth
         self._store = store
         self._dispatcher = dispatcher
@@ -326,7 +330,9 @@ class Servicer:
                 welcome=link.Welcome(
                     session_id=session.session_id,
                     server_time_ms=now_ms(),
-                    telemetry_policy=link.TelemetryPolicy(interval_ms=1000, verbosity=1),
+                    telemetry_policy=link.TelemetryPolicy(
+                        **self._guard.welcome_policy(vehicle_id, time.monotonic())._asdict()
+                    ),
                     window=self._config.window,
                 )
             )
@@ -337,10 +343,28 @@ class Servicer:
             await self._write_frames(context, session)
         finally:
             reader.cancel()
-            self._dispatcher.disconnect(session)
+            if self._dispatcher.disconnect(session):  # the car is gone, not replaced
+                leftover = self._guard.forget(vehicle_id)
+                if leftover:
+                    self._states.report(vehicle_id, leftover, now_ms())
             await self._states.detach(vehicle_id)
         if session.close_error is not None:
             raise session.close_error
+
+    def _take_telemetry(self, session: Session, frame: Any, verdict: Verdict) -> None:
+        """Apply an admitted telemetry/state batch now, or buffer it for the next flush."""
+        kind = frame.WhichOneof("kind")
+        signals = frame.telemetry.signals if kind == "telemetry" else frame.state.fields
+        if verdict is Verdict.ADMIT:
+            self._states.report(session.vehicle_id, signals, now_ms())
+        else:
+            check_signals(signals)
+            self._guard.coalesce(session.vehicle_id, signals, now_ms())
+
+    def _send_policy_update(self, session: Session) -> None:
+        policy = self._guard.policy_update(session.vehicle_id, time.monotonic())
+        if policy is not None:
+            session.send(telemetry_control(policy))
 
     async def _write_frames(self, context: Context, session: Session) -> None:
         while True:
@@ -364,9 +388,16 @@ class Servicer:
                 if raw is grpc.aio.EOF:
                     session.close()
                     return
-                frame = _parse(link.VehicleFrame, raw)
                 received = now_ms()
                 self._states.seen(vehicle_id, received)
+                if raw[:1] in TELEMETRY_TAGS:
+                    # Judged before parsing: a shed batch costs a counter, not a parse.
+                    verdict = self._guard.admit(vehicle_id, len(raw), time.monotonic())
+                    if verdict in (Verdict.ADMIT, Verdict.COALESCE):
+                        self._take_telemetry(session, _parse(link.VehicleFrame, raw), verdict)
+                    self._send_policy_update(session)
+                    continue
+                frame = _parse(link.VehicleFrame, raw)
                 kind = frame.WhichOneof("kind")
                 if kind == "ack":
                     self._dispatcher.acked(vehicle_id, frame.ack.command_id)
@@ -381,10 +412,6 @@ class Servicer:
                         message=result.message,
                         detail=result.detail,
                     )
-                elif kind == "telemetry":
-                    self._states.report(vehicle_id, frame.telemetry.signals, received)
-                elif kind == "state":
-                    self._states.report(vehicle_id, frame.state.fields, received)
                 elif kind == "hello":
                     raise InvalidArgument("Hello is only allowed as the first frame")
                 else:
@@ -399,6 +426,14 @@ class Servicer:
 
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+#: first byte of a serialized VehicleFrame holding `telemetry` (field 4) or `state` (field 5)
+TELEMETRY_TAGS = (b"\x22", b"\x2a")
+
+
+def telemetry_control(policy: TelemetryPolicyValues) -> Any:
+    return link.BrokerFrame(
+        control=link.Control(telemetry_policy=link.TelemetryPolicy(**policy._asdict()))
+    )
 
 
 async def _abort(context: Context, error: BrokerError) -> None:

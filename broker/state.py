@@ -7,7 +7,6 @@ so a disconnected car always reads as "last seen at", never as current.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -18,6 +17,13 @@ from broker.store import Store
 from broker.v1 import command_service_pb2 as svc
 
 logger = logging.getLogger(__name__)
+
+
+def check_signals(signals: Iterable[Any]) -> None:
+    """Refuse a batch with a bad signal name (before it is applied or buffered)."""
+    for signal in signals:
+        if not signal.name or len(signal.name) > 128:
+            raise InvalidArgument("signal names must be 1-128 characters")
 
 
 class VehicleStates:
@@ -61,8 +67,7 @@ class VehicleStates:
         if state is None:
             return
         for signal in signals:
-            if not signal.name or len(signal.name) > 128:
-                raise InvalidArgument("signal names must be 1-128 characters")
+            check_signals((signal,))
             current = state.fields.get(signal.name)
             if current is None and len(state.fields) >= self._max_fields:
                 raise InvalidArgument(f"more than {self._max_fields} distinct state fields")
@@ -94,11 +99,3 @@ class VehicleStates:
         states = [self._live[v] for v in self._dirty if v in self._live]
         self._dirty.clear()
         await self._store.put_states(states)  # serialized now, so later reports don't race
-
-    async def run(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.flush()
-            except BrokerError as exc:
-                logger.warning("state flush failed: %s", exc.message)
