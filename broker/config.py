@@ -88,6 +88,17 @@ class Config:
     telemetry_fleet_msgs_per_s: float = 5000
     telemetry_fleet_bytes_per_s: float = 4_000_000
     telemetry_hold_s: float = 30
+    #: adaptive admission of command work (see broker/admission.py)
+    admission_initial_limit: int = 64
+    admission_min_limit: int = 8
+    admission_max_limit: int = 512
+    codel_target_ms: float = 5
+    codel_interval_ms: float = 100
+    #: critical commands per car per minute (the one quota critical work is subject to)
+    critical_per_minute: float = 10
+    critical_burst: int = 10
+    #: non-terminal commands held; past 80% bulk is refused, past 100% interactive too
+    durable_queue_budget: int = 2_000_000
     grace_s: float = 5
     log_format: str = "text"
     commands: Mapping[str, CommandPolicy] = field(default_factory=lambda: DEFAULT_COMMANDS)
@@ -123,7 +134,9 @@ class Config:
             "hello_timeout_s", "new_streams_per_s", "new_streams_burst", "sweep_interval_s",
             "state_flush_interval_s", "max_state_fields", "telemetry_car_msgs_per_s",
             "telemetry_car_bytes_per_s", "telemetry_fleet_msgs_per_s",
-            "telemetry_fleet_bytes_per_s", "telemetry_hold_s",
+            "telemetry_fleet_bytes_per_s", "telemetry_hold_s", "admission_initial_limit",
+            "admission_min_limit", "admission_max_limit", "codel_target_ms", "codel_interval_ms",
+            "critical_per_minute", "critical_burst", "durable_queue_budget",
         ]  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

@@ -61,6 +61,37 @@ class BrokerCollector(Collector):
         admissions.add_metric(["admitted"], broker.stream_gate.admitted)
         admissions.add_metric(["deferred"], broker.stream_gate.deferred)
         yield admissions
+        admission = broker.admission
+        work = CounterMetricFamily(
+            "broker_admission",
+            "Command work offered to admission, by lane and decision",
+            labels=["lane", "decision"],
+        )
+        for decision, by_lane in (
+            ("admitted", admission.admitted),
+            ("shed", admission.shed),
+            ("cancelled", admission.cancelled),
+            ("quota_refused", admission.quota_refused),
+        ):
+            for lane, count in by_lane.items():
+                work.add_metric([_lane(lane), decision], count)
+        yield work
+        yield GaugeMetricFamily(
+            "broker_admission_limit", "Current adaptive in-flight limit", value=admission.limit
+        )
+        for name, helptext, values in (
+            ("broker_admission_in_flight", "Admitted work in flight", admission.in_flight),
+            ("broker_admission_queued", "Work waiting for a slot", admission.queued),
+            (
+                "broker_admission_queue_delay_seconds",
+                "Latest time work waited for a slot",
+                admission.queue_delay_s,
+            ),
+        ):
+            family = GaugeMetricFamily(name, helptext, labels=["lane"])
+            for lane, value in values.items():
+                family.add_metric([_lane(lane)], value)
+            yield family
         counters = broker.telemetry.counters
         for unit in ("msgs", "bytes"):
             family = CounterMetricFamily(

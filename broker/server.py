@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from broker.admission import Admission, Gradient2Limit
 from broker.auth import Authenticator
 from broker.clock import now_ms
 from broker.config import Config
@@ -80,6 +81,17 @@ class Broker:
         self.states = VehicleStates(self.store, self.sessions, max_fields=config.max_state_fields)
         self.health = health.aio.HealthServicer()
         self.stream_gate = StreamGate(config.new_streams_per_s, config.new_streams_burst)
+        self.admission = Admission(
+            Gradient2Limit(
+                initial_limit=config.admission_initial_limit,
+                min_limit=config.admission_min_limit,
+                max_limit=config.admission_max_limit,
+            ),
+            codel_target_s=config.codel_target_ms / 1000,
+            codel_interval_s=config.codel_interval_ms / 1000,
+            critical_per_minute=config.critical_per_minute,
+            critical_burst=config.critical_burst,
+        )
         self.telemetry = TelemetryGuard(
             car_msgs_per_s=config.telemetry_car_msgs_per_s,
             car_bytes_per_s=config.telemetry_car_bytes_per_s,
@@ -111,6 +123,7 @@ class Broker:
             self.states,
             self.stream_gate,
             self.telemetry,
+            self.admission,
         )
         server = grpc.aio.server(options=server_options(self.config))
         server.add_generic_rpc_handlers(servicer.handlers())
@@ -171,6 +184,7 @@ class Broker:
             session.close()
         if self.server is not None:
             await self.server.stop(grace)
+        self.admission.close()
         if live:
             logger.info("shutdown drained %d vehicle streams", len(live))
         for task in self._tasks:

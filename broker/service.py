@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from broker.admission import Admission, Overloaded
 from broker.auth import VEHICLE_ID_HEADER, Authenticator, Principal
 from broker.clock import now_ms
 from broker.config import Config
@@ -70,7 +72,9 @@ class Servicer:
         states: VehicleStates,
         stream_gate: StreamGate,
         guard: TelemetryGuard,
+        admission: Admission,
     ) -> None:
+        self._admission = admission
         self._config = config
         self._stream_gate = stream_gate
         self._guard = guard
@@ -206,7 +210,9 @@ class Servicer:
         wait_s = (request.wait_timeout_ms / 1000) or self._config.default_wait_timeout_s
         if wait_s > self._config.max_wait_timeout_s:
             raise InvalidArgument(f"wait_timeout_ms is above {self._config.max_wait_timeout_s}s")
-        (result,) = await self._dispatcher.submit([item])
+        self._check_queue_budget(item.lane)
+        async with self._admission.slot(item.lane, vehicle_id=item.vehicle_id):
+            (result,) = await self._dispatcher.submit([item])
         if isinstance(result, BrokerError):
             raise result
         response = svc.SendCommandResponse(command=result.command, deduplicated=result.deduplicated)
@@ -217,6 +223,18 @@ class Servicer:
         response.command.CopyFrom(command)
         response.wait_timed_out = timed_out
         return response
+
+    def _check_queue_budget(self, lane: int) -> None:
+        """Degrade by lane as the durable queue fills: bulk is refused first, critical never."""
+        budget = self._config.durable_queue_budget
+        pending = self._dispatcher.pending_total
+        if lane == t.CRITICAL or pending < budget * (0.8 if lane == t.BULK else 1.0):
+            return
+        raise Overloaded(
+            f"the durable queue holds {pending} commands (budget {budget}); "
+            f"{t.Lane.Name(lane)} commands are refused until it drains",
+            retry_after_ms=int(random.uniform(500, 2000)),
+        )
 
     async def _wait(
         self, command: Any, wanted: frozenset[int], timeout_s: float
@@ -250,11 +268,19 @@ class Servicer:
             try:
                 if sub.wait != svc.WAIT_NONE:
                     raise InvalidArgument("wait modes are not allowed in a batch; use SendCommand")
-                valid.append((index, self._new_command(sub, principal)))
+                item = self._new_command(sub, principal)
+                self._check_queue_budget(item.lane)
+                if item.lane == t.CRITICAL:
+                    self._admission.take_critical_quota(item.vehicle_id)
+                valid.append((index, item))
             except BrokerError as exc:
                 items[index].error.code = exc.status.name
                 items[index].error.message = exc.message
-        results = await self._dispatcher.submit([item for _, item in valid])
+        if not valid:
+            return svc.SendCommandsResponse(items=items)
+        # One durable write, admitted once, in the highest lane it carries.
+        async with self._admission.slot(max(item.lane for _, item in valid)):
+            results = await self._dispatcher.submit([item for _, item in valid])
         for (index, _), result in zip(valid, results, strict=True):
             if isinstance(result, BrokerError):
                 items[index].error.code = result.status.name

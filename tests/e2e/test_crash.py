@@ -134,7 +134,9 @@ NAMES = ("unlock", "lock", "climate", "horn")
 async def test_every_acknowledged_command_survives_kill_9_and_runs_exactly_once(
     spawn: Callable[..., BrokerProcess],
 ) -> None:
-    env = {"BROKER_AUTH_SECRET": SECRET}
+    # 20 commands a car, half critical: past the per-car critical quota, which is not
+    # what this test is about.
+    env = {"BROKER_AUTH_SECRET": SECRET, "BROKER_CRITICAL_PER_MINUTE": "1000"}
     first = spawn(env=env)
     vehicles = [f"crash-{i}" for i in range(N_VEHICLES)]
     acked: dict[str, int] = {}  # command_id -> n, for every SendCommand that answered
