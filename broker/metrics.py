@@ -88,10 +88,10 @@ class BrokerCollector(Collector):
                 admission.queue_delay_s,
             ),
         ):
-            family = GaugeMetricFamily(name, helptext, labels=["lane"])
+            gauge = GaugeMetricFamily(name, helptext, labels=["lane"])
             for lane, value in values.items():
-                family.add_metric([_lane(lane)], value)
-            yield family
+                gauge.add_metric([_lane(lane)], value)
+            yield gauge
         counters = broker.telemetry.counters
         for unit in ("msgs", "bytes"):
             family = CounterMetricFamily(
