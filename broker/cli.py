@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -120,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--vehicles", type=_count, default=1)
     sim.add_argument("--id-prefix", default="car-")
     sim.add_argument("--telemetry-hz", type=float, default=0.0)
+    sim.add_argument(
+        "--ignore-policy",
+        action="store_true",
+        help="misbehave: ignore the broker's telemetry policy (outage drills)",
+    )
+    sim.add_argument("--storm-factor", type=float, default=1.0,
+                     help="multiply telemetry rate and verbosity; SIGUSR1 multiplies it by "
+                     "10 while running, SIGUSR2 ends the storm")  # fmt: skip
     sim.add_argument("--secret", help="sign per-car tokens with this secret "
                      "(default: $BROKER_AUTH_SECRET; none against --insecure-dev)")  # fmt: skip
 
@@ -224,7 +233,12 @@ def _serve(args: argparse.Namespace) -> int:
         auth = "insecure-dev" if config.insecure_dev else "tokens"
         print(
             f"broker ready on {host}:{port} data={config.data_dir} loop={loop_kind} "
-            f"extensions={extensions_summary()} auth={auth}",
+            f"extensions={extensions_summary()} auth={auth}"
+            + (
+                f" metrics={config.metrics_listen.rpartition(':')[0]}:{instance.metrics_port}"
+                if instance.metrics_port
+                else ""
+            ),
             flush=True,
         )
         await stop.wait()
@@ -354,14 +368,33 @@ async def _vehicle_sim(args: argparse.Namespace) -> int:
     fleet = SimulatedFleet(
         args.target, [f"{args.id_prefix}{i}" for i in range(args.vehicles)],
         secret=secret, telemetry_hz=args.telemetry_hz, rng=random.Random(),
+        obey_policy=not args.ignore_policy,
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    storm = [args.storm_factor]
+
+    def set_storm(factor: float) -> None:
+        storm[0] = factor
+        fleet.storm(factor)
+        print(f"vehicle-sim: storm factor {factor:g}", flush=True)
+
+    loop.add_signal_handler(signal.SIGUSR1, lambda: set_storm(storm[0] * 10))
+    loop.add_signal_handler(signal.SIGUSR2, lambda: set_storm(1.0))
     await fleet.start()
+    fleet.storm(args.storm_factor)
     print(f"vehicle-sim: {args.vehicles} cars against {args.target}", flush=True)
+
+    async def announce_connected() -> None:
+        with contextlib.suppress(TimeoutError):
+            await fleet.wait_connected(timeout_s=300)
+            print(f"vehicle-sim: {args.vehicles} cars connected", flush=True)
+
+    announce = asyncio.create_task(announce_connected())
     refusal = await _until_stopped_or_refused(fleet, stop)
+    announce.cancel()
     await fleet.stop()
     if refusal is not None:
         print(

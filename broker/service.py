@@ -422,6 +422,10 @@ class Servicer:
                     if verdict in (Verdict.ADMIT, Verdict.COALESCE):
                         self._take_telemetry(session, _parse(link.VehicleFrame, raw), verdict)
                     self._send_policy_update(session)
+                    if verdict is Verdict.SHED:
+                        # Told and still flooding: push back by not reading, so HTTP/2 flow
+                        # control slows the car's writes (its acks wait at most this long).
+                        await asyncio.sleep(SHED_READ_PAUSE_S)
                     continue
                 frame = _parse(link.VehicleFrame, raw)
                 kind = frame.WhichOneof("kind")
@@ -452,6 +456,7 @@ class Servicer:
 
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+SHED_READ_PAUSE_S = 0.1
 #: first byte of a serialized VehicleFrame holding `telemetry` (field 4) or `state` (field 5)
 TELEMETRY_TAGS = (b"\x22", b"\x2a")
 

@@ -22,6 +22,8 @@ class SimulatedCar:
     def __init__(self, agent: VehicleAgent, rng: random.Random) -> None:
         self.agent = agent
         self.rng = rng
+        #: multiplies telemetry rate and verbosity (10 or 100 replays the outage)
+        self.storm_factor = 1.0
         self.state: dict[str, SignalValue] = {
             "locked": True,
             "engine_on": False,
@@ -76,20 +78,37 @@ class SimulatedCar:
             await self.agent.report_state({f: self.state[f] for f in fields})
 
     async def telemetry(self, hz: float) -> None:
-        """Stream position and battery at `hz`, slowed to the broker's interval if it asks."""
+        """Stream telemetry at `hz` (times `storm_factor`), as verbose as the policy allows.
+
+        An obeying car also waits out the broker's interval; a misbehaving one
+        (`obey_policy=False`) keeps its own pace and its full verbosity.
+        """
         await self.agent.connected.wait()
         await self._report(*self.state)
         while True:
-            interval = max(1 / hz, self.agent.telemetry_policy.interval_ms / 1000)
+            interval = 1 / (hz * self.storm_factor)
+            if self.agent.obey_policy:
+                interval = max(interval, self.agent.telemetry_policy.interval_ms / 1000)
             await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
             self.state["lat"] = round(float(self.state["lat"]) + self.rng.uniform(-1e-4, 1e-4), 6)
             self.state["lon"] = round(float(self.state["lon"]) + self.rng.uniform(-1e-4, 1e-4), 6)
             if self.agent.connected.is_set():
-                values = {k: self.state[k] for k in ("lat", "lon", "battery_pct")}
                 try:
-                    await self.agent.send_telemetry(signals(values, now_ms()))
+                    await self.agent.send_telemetry(signals(self.sample(), now_ms()))
                 except (ConnectionError, grpc.aio.AioRpcError, grpc.aio.UsageError):
                     continue
+
+    def sample(self) -> dict[str, SignalValue]:
+        """The signals of one batch: more of them at higher verbosity (and in a storm)."""
+        verbosity = self.agent.telemetry_policy.verbosity if self.agent.obey_policy else 2
+        values: dict[str, SignalValue] = {k: self.state[k] for k in ("lat", "lon")}
+        if verbosity >= 1:
+            values["battery_pct"] = self.state["battery_pct"]
+        if verbosity >= 2:
+            extra = 8 * self.storm_factor  # the outage: an accidental jump in verbosity
+            for index in range(int(extra)):
+                values[f"diag_{index}"] = round(self.rng.uniform(0, 100), 2)
+        return values
 
 
 class SimulatedFleet:
@@ -103,9 +122,13 @@ class SimulatedFleet:
         secret: str | None = None,
         telemetry_hz: float = 0.0,
         rng: random.Random | None = None,
+        obey_policy: bool = True,
+        backoff_cap_s: float = 30.0,
     ) -> None:
         self.target = target
         self.telemetry_hz = telemetry_hz
+        self.obey_policy = obey_policy
+        self.backoff_cap_s = backoff_cap_s
         self.rng = rng or random.Random(0)
         self._channels: list[grpc.aio.Channel] = []
         self.cars: list[SimulatedCar] = []
@@ -123,7 +146,13 @@ class SimulatedFleet:
                 )
             token = issue_token(self._secret, vehicle=vehicle_id) if self._secret else None
             agent = VehicleAgent(
-                self.target, vehicle_id, token=token, channel=self._channels[-1], firmware="sim"
+                self.target,
+                vehicle_id,
+                token=token,
+                channel=self._channels[-1],
+                firmware="sim",
+                obey_policy=self.obey_policy,
+                backoff_cap_s=self.backoff_cap_s,
             )
             car = SimulatedCar(agent, self.rng)
             self.cars.append(car)
@@ -135,6 +164,11 @@ class SimulatedFleet:
         await asyncio.wait_for(
             asyncio.gather(*(car.agent.connected.wait() for car in self.cars)), timeout_s
         )
+
+    def storm(self, factor: float) -> None:
+        """Multiply every car's telemetry rate and verbosity (1 ends the storm)."""
+        for car in self.cars:
+            car.storm_factor = factor
 
     async def stop(self) -> None:
         for car in self.cars:

@@ -67,6 +67,7 @@ class VehicleAgent:
         backoff_base_s: float = 0.2,
         backoff_cap_s: float = 30.0,
         remember_results: int = 1024,
+        obey_policy: bool = True,
     ) -> None:
         self.vehicle_id = vehicle_id
         self.handlers: dict[str, Handler] = dict(handlers or {})
@@ -94,6 +95,12 @@ class VehicleAgent:
         self.session_id = ""
         self.executed: list[str] = []  # ids whose handler actually ran, in order
         self.telemetry_policy: Any = link.TelemetryPolicy()
+        self.obey_policy = obey_policy
+        self.policy_changes = 0  # Control frames that changed the telemetry policy
+        self._pending_signals: dict[str, Any] = {}
+        self._next_telemetry_at = 0.0
+        self._byte_tokens = 0.0
+        self._bytes_checked_at = time.monotonic()
         self.last_error: grpc.aio.AioRpcError | None = None
         self.connects = 0
 
@@ -166,6 +173,7 @@ class VehicleAgent:
                     which = control.WhichOneof("kind")
                     if which == "telemetry_policy":
                         self.telemetry_policy = control.telemetry_policy
+                        self.policy_changes += 1
                     elif which == "reconnect_after_ms":
                         reconnect_after_s = control.reconnect_after_ms / 1000
                         break
@@ -193,8 +201,42 @@ class VehicleAgent:
             link.VehicleFrame(state=link.StateReport(fields=signals(values, now_ms())))
         )
 
-    async def send_telemetry(self, batch: Iterable[Any]) -> None:
-        await self._send(link.VehicleFrame(telemetry=link.TelemetryBatch(signals=list(batch))))
+    async def send_telemetry(self, batch: Iterable[Any]) -> bool:
+        """Send telemetry signals as the broker's policy allows; True if a batch went out.
+
+        Obeying the policy (the default): at most one batch per `interval_ms`, within
+        `max_bytes_per_second`; in between, only the latest value per signal is kept and
+        goes out with the next batch. With `obey_policy=False` (simulating the outage's
+        misbehaving firmware) every call sends at once.
+        """
+        if not self.obey_policy:
+            frame = link.VehicleFrame(telemetry=link.TelemetryBatch(signals=list(batch)))
+            await self._send(frame)
+            return True
+        for signal in batch:
+            self._pending_signals[signal.name] = signal
+        now = time.monotonic()
+        policy = self.telemetry_policy
+        if now < self._next_telemetry_at or not self._pending_signals:
+            return False
+        frame = link.VehicleFrame(
+            telemetry=link.TelemetryBatch(signals=list(self._pending_signals.values()))
+        )
+        size = frame.ByteSize()
+        if policy.max_bytes_per_second:
+            rate = policy.max_bytes_per_second
+            elapsed = now - self._bytes_checked_at
+            self._bytes_checked_at = now
+            self._byte_tokens = min(2.0 * rate, self._byte_tokens + elapsed * rate)
+            if self._byte_tokens <= 0:
+                return False  # over the byte budget: keep coalescing
+            # A batch may overdraw the bucket (its debt delays the next one), so even a
+            # batch larger than a second's budget goes out, at the budget's average rate.
+            self._byte_tokens -= size
+        await self._send(frame)
+        self._pending_signals.clear()
+        self._next_telemetry_at = now + policy.interval_ms / 1000
+        return True
 
     async def _send(self, frame: Any) -> None:
         call = self._call

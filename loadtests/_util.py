@@ -32,6 +32,7 @@ READY_LINE = re.compile(
     r"broker ready on (?P<host>[^\s:]+):(?P<port>\d+) .*loop=(?P<loop>\S+) "
     r"extensions=(?P<extensions>.*) auth=\S+"
 )
+METRICS_ON = re.compile(r" metrics=(?P<target>\S+)")
 CARS_READY = "cars ready"
 #: The bench measures the command path's speed, not the per-car critical quota (which
 #: would refuse a car its 11th unlock in a minute) nor the stream gate.
@@ -148,10 +149,22 @@ async def _end_process(proc: asyncio.subprocess.Process, timeout_s: float) -> fl
 class BrokerProcess:
     """`python -m broker.cli serve --insecure-dev` on 127.0.0.1:0 over a fresh data folder."""
 
-    def __init__(self, data_dir: Path, log_path: Path, durability: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        durability: str = "fsync",
+        *,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.durability = durability
+        self.args = list(args)
+        self.env = UNTHROTTLED if env is None else env
+        self.metrics_target = ""
+        self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.target = ""
         self.loop = ""
@@ -173,7 +186,9 @@ class BrokerProcess:
         await self.stop()
 
     async def start(self, timeout_s: float = 30.0) -> None:
-        self._log = self.log_path.open("wb")
+        """Start (or restart, on the same data folder) and wait for the ready line."""
+        self.exit_code = None
+        self._log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -181,16 +196,17 @@ class BrokerProcess:
             "serve",
             "--insecure-dev",
             "--listen",
-            f"{LOOPBACK}:0",
+            f"{LOOPBACK}:{self.port}",
             "--data",
             str(self.data_dir),
             "--durability",
             self.durability,
+            *self.args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=self._log,
             cwd=PROJECT_ROOT,
-            env={**os.environ, **UNTHROTTLED},
+            env={**os.environ, **self.env},
         )
         assert self.proc.stdout is not None
         try:
@@ -203,9 +219,23 @@ class BrokerProcess:
             raise RuntimeError(
                 f"broker did not start (got {line.strip()!r}); log tail:\n{_tail(self.log_path)}"
             )
-        self.target = f"{LOOPBACK}:{ready['port']}"
+        self.port = int(ready["port"])  # a restart binds the same port again
+        self.target = f"{LOOPBACK}:{self.port}"
         self.loop = ready["loop"]
         self.extensions = ready["extensions"]
+        metrics = METRICS_ON.search(line)
+        self.metrics_target = metrics["target"] if metrics else ""
+
+    async def kill(self) -> None:
+        """kill -9: no drain, no flush; what was committed must survive."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGKILL)
+            await self.proc.wait()
+        self.exit_code = self.proc.returncode if self.proc is not None else None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     async def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM (the broker drains and closes LMDB), SIGKILL if it takes too long."""
