@@ -68,7 +68,12 @@ class VehicleAgent:
         backoff_cap_s: float = 30.0,
         remember_results: int = 1024,
         obey_policy: bool = True,
+        compression: grpc.Compression | None = None,
     ) -> None:
+        """`compression`: per-call message compression for this car's stream (e.g.
+        `grpc.Compression.Gzip` on a metered cellular link; off by default because on a
+        fast link the CPU, not the bandwidth, is the limit — see loadtests/compression.py).
+        """
         self.vehicle_id = vehicle_id
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self._channel = channel or grpc.aio.insecure_channel(target)
@@ -96,6 +101,7 @@ class VehicleAgent:
         self.executed: list[str] = []  # ids whose handler actually ran, in order
         self.telemetry_policy: Any = link.TelemetryPolicy()
         self.obey_policy = obey_policy
+        self._compression = compression
         self.policy_changes = 0  # Control frames that changed the telemetry policy
         self._pending_signals: dict[str, Any] = {}
         self._next_telemetry_at = 0.0
@@ -140,7 +146,7 @@ class VehicleAgent:
             request_serializer=link.VehicleFrame.SerializeToString,
             response_deserializer=link.BrokerFrame.FromString,
         )
-        call = connect(metadata=self._metadata)
+        call = connect(metadata=self._metadata, compression=self._compression)
         self._call = call
         reconnect_after_s = 0.0
         try:
