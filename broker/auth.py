@@ -32,10 +32,10 @@ class Principal:
     scopes: frozenset[str] = frozenset()
 
     def require(self, scope: str) -> None:
+        if self.kind == "vehicle":  # whatever its claims say: a car credential is a car's
+            raise PermissionDenied("a vehicle token cannot call the command service")
         if self.kind == "dev" or "admin" in self.scopes or scope in self.scopes:
             return
-        if self.kind == "vehicle":
-            raise PermissionDenied("a vehicle token cannot call the command service")
         raise PermissionDenied(f"token for service {self.name!r} lacks the {scope!r} scope")
 
 
@@ -60,6 +60,8 @@ def issue_token(
     if (vehicle is None) == (service is None):
         raise ValueError("give exactly one of vehicle= or service=")
     scope_list = sorted(set(scopes))
+    if vehicle is not None and scope_list:
+        raise ValueError("a vehicle token carries no scopes")
     unknown = set(scope_list) - SCOPES
     if unknown:
         raise ValueError(f"unknown scopes {sorted(unknown)}; known: {sorted(SCOPES)}")

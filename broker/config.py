@@ -97,6 +97,10 @@ class Config:
     #: critical commands per car per minute (the one quota critical work is subject to)
     critical_per_minute: float = 10
     critical_burst: int = 10
+    #: the longest TTL a caller may ask for: critical commands (an unlock must not wait
+    #: for days) and everything else
+    critical_max_ttl_s: float = 3600
+    max_ttl_s: float = 7 * 86400
     #: non-terminal commands held; past 80% bulk is refused, past 100% interactive too
     durable_queue_budget: int = 2_000_000
     grace_s: float = 5
@@ -137,6 +141,7 @@ class Config:
             "telemetry_fleet_bytes_per_s", "telemetry_hold_s", "admission_initial_limit",
             "admission_min_limit", "admission_max_limit", "codel_target_ms", "codel_interval_ms",
             "critical_per_minute", "critical_burst", "durable_queue_budget",
+            "critical_max_ttl_s", "max_ttl_s",
         ]  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

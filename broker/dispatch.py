@@ -52,7 +52,6 @@ class Dispatcher:
         self._queues: dict[str, _VehicleQueue] = {}
         #: non-terminal commands held (the durable queue's depth), for metrics and budgets
         self.pending_total = 0
-        self._background: set[asyncio.Task[Any]] = set()
 
     # -- services ------------------------------------------------------------------------
 
@@ -70,11 +69,21 @@ class Dispatcher:
         return len(pending)
 
     async def submit(self, items: Sequence[NewCommand]) -> list[Created | BrokerError]:
-        """Durably enqueue commands, then dispatch those whose car is online."""
+        """Durably enqueue commands, then dispatch those whose car is online.
+
+        The in-memory side is taken up in a callback of the store write, so a caller
+        cancelled during the fsync cannot strand a command that did commit.
+        """
         online = {item.vehicle_id for item in items if item.vehicle_id in self._sessions}
-        results = await self._store.create(items, online=online, now_ms=now_ms())
+        write = self._store.create(items, online=online, now_ms=now_ms())
+        write.add_done_callback(self._created)
+        return await asyncio.shield(write)
+
+    def _created(self, write: asyncio.Future[list[Created | BrokerError]]) -> None:
+        if write.cancelled() or write.exception() is not None:
+            return
         touched = set()
-        for result in results:
+        for result in write.result():
             if isinstance(result, BrokerError) or result.deduplicated:
                 continue
             for older in result.superseded:
@@ -88,12 +97,11 @@ class Dispatcher:
             touched.add(command.vehicle_id)
         for vehicle_id in touched:
             self._pump(vehicle_id)
-        return results
 
     async def cancel(self, command_id: str) -> Any:
-        command = await self._store.cancel(command_id, now_ms=now_ms())
-        self._apply(command)
-        return command
+        write = self._store.cancel(command_id, now_ms=now_ms())
+        self._record(write)
+        return await asyncio.shield(write)
 
     def current(self, vehicle_id: str, command_id: str) -> Any | None:
         """The latest record of a non-terminal command, from memory; None if not pending."""
@@ -129,11 +137,11 @@ class Dispatcher:
     def disconnect(self, session: Session) -> bool:
         """A stream ended; if it was the car's live one, its unacked commands wait again.
 
-        True when it was the live one (the car is now offline), False when it had been
-        replaced by a newer stream.
+        Returns whether the car is now without any stream (False when a newer stream
+        replaced this one).
         """
         if not self._sessions.detach(session):
-            return False
+            return session.vehicle_id not in self._sessions
         queue = self._queues.get(session.vehicle_id)
         if queue is None:
             return True
@@ -148,27 +156,34 @@ class Dispatcher:
             self._record(self._store.requeue(unacked, now_ms=now_ms()))
         return True
 
-    def may_send(self, frame: Any) -> bool:
-        """Last check before a command frame goes on the wire: never after expires_at."""
-        return bool(now_ms() < frame.expires_at_ms)
+    async def deliver(self, session: Session, frame: Any) -> Any | None:
+        """Record a command as on the wire, durably, *before* it is written to the car.
 
-    def not_sent(self, session: Session, command_id: str) -> None:
-        """The stream dropped a frame at the last check (expired, or the stream is closing).
-
-        A closing stream's commands were already handed back by connect() or disconnect().
+        Returns the frame to write (with its attempt number), or None to drop it: the
+        command was canceled, superseded or expired meanwhile (the store decides, in order
+        with those writes), or the stream is closing — then the command stays in flight
+        and disconnect()/connect() hand it to the next stream.
         """
+        if session.closed:
+            return None
+        timeout_ms = int(self._config.policy(frame.name).result_timeout_s * 1000)
+        write = self._store.mark_delivered([(frame.command_id, timeout_ms)], now_ms=now_ms())
+        self._record(write)
+        changed = await asyncio.shield(write)
+        if not changed:
+            self._not_sent(session, frame.command_id)
+            return None
+        frame.attempt = changed[0].attempt
+        return frame
+
+    def _not_sent(self, session: Session, command_id: str) -> None:
+        """The store refused to put a command on the wire: free its window slot."""
         if self._sessions.get(session.vehicle_id) is not session:
             return
         queue = self._queues.get(session.vehicle_id)
         if queue is not None:
             queue.in_flight.discard(command_id)
             self._pump(session.vehicle_id)
-
-    def sent(self, session: Session, frame: Any) -> None:
-        """A command frame was written to the car's stream."""
-        name = frame.name
-        timeout_ms = int(self._config.policy(name).result_timeout_s * 1000)
-        self._record(self._store.mark_delivered([(frame.command_id, timeout_ms)], now_ms=now_ms()))
 
     def acked(self, vehicle_id: str, command_id: str) -> None:
         if self._owns(vehicle_id, command_id):

@@ -157,17 +157,23 @@ class Broker:
         sweep_every = max(1, round(5 / interval))  # restoring quiet cars needs no hurry
         for tick in itertools.count(1):
             await asyncio.sleep(interval)
-            for vehicle_id, signals in self.telemetry.take_coalesced().items():
-                self.states.report(vehicle_id, signals, now_ms())
-            if tick % sweep_every == 0:
-                for vehicle_id, policy in self.telemetry.sweep(time.monotonic()):
-                    session = self.sessions.get(vehicle_id)
-                    if session is not None:
-                        session.send(telemetry_control(policy))
             try:
-                await self.states.flush()
+                await self._flush_once(sweep=tick % sweep_every == 0)
+            except Exception:  # this loop must outlive any one bad car or failed write
+                logger.exception("state flush failed")
+
+    async def _flush_once(self, *, sweep: bool) -> None:
+        for vehicle_id, signals in self.telemetry.take_coalesced().items():
+            try:
+                self.states.report(vehicle_id, signals, now_ms())
             except BrokerError as exc:
-                logger.warning("state flush failed: %s", exc.message)
+                logger.warning("dropped coalesced telemetry of %s: %s", vehicle_id, exc.message)
+        if sweep:
+            for vehicle_id, policy in self.telemetry.sweep(time.monotonic()):
+                session = self.sessions.get(vehicle_id)
+                if session is not None:
+                    session.send(telemetry_control(policy))
+        await self.states.flush()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Health NOT_SERVING, stop accepting, drain streams, flush the store, close."""
@@ -189,9 +195,7 @@ class Broker:
             logger.info("shutdown drained %d vehicle streams", len(live))
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.states.flush()
         await self.store.close()

@@ -23,7 +23,7 @@ from broker.auth import VEHICLE_ID_HEADER, Authenticator, Principal
 from broker.clock import now_ms
 from broker.config import Config
 from broker.dispatch import Dispatcher
-from broker.errors import BrokerError, InvalidArgument, NotFound, PermissionDenied
+from broker.errors import BrokerError, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from broker.events import EventHub
 from broker.sessions import CLOSE, Session, StreamGate
 from broker.state import VehicleStates, check_signals
@@ -179,8 +179,8 @@ class Servicer:
             )
         for what, key in (("idempotency_key", request.idempotency_key),
                           ("coalesce_key", request.coalesce_key)):  # fmt: skip
-            if len(key) > KEY_MAX:
-                raise InvalidArgument(f"{what} is longer than {KEY_MAX} characters")
+            if len(key.encode()) > KEY_MAX:  # LMDB keys are bytes, at most 511 of them
+                raise InvalidArgument(f"{what} is longer than {KEY_MAX} bytes")
         policy = self._config.policy(request.name)
         lane = request.lane
         if lane == t.LANE_UNSPECIFIED:
@@ -192,7 +192,15 @@ class Servicer:
                 f"{request.name!r} runs on the {t.Lane.Name(policy.lane)} lane; raising it to "
                 f"{t.Lane.Name(lane)} needs the admin scope"
             )
-        ttl_ms = request.ttl_ms or int(policy.ttl_s * 1000)
+        max_ttl_s = (
+            self._config.critical_max_ttl_s if lane == t.CRITICAL else self._config.max_ttl_s
+        )
+        ttl_ms = request.ttl_ms or int(min(policy.ttl_s, max_ttl_s) * 1000)
+        if ttl_ms > max_ttl_s * 1000:
+            raise InvalidArgument(
+                f"ttl of {ttl_ms / 1000:g}s is above the {max_ttl_s:g}s allowed on the "
+                f"{t.Lane.Name(lane)} lane"
+            )
         if request.wait not in WAIT_MODES:
             raise InvalidArgument(f"unknown wait mode {request.wait}")
         return NewCommand(
@@ -287,6 +295,7 @@ class Servicer:
                 items[index].error.message = result.message
             else:
                 items[index].accepted.command.CopyFrom(result.command)
+                items[index].accepted.command.ClearField("payload")  # keep replies small
                 items[index].accepted.deduplicated = result.deduplicated
         return svc.SendCommandsResponse(items=items)
 
@@ -330,6 +339,9 @@ class Servicer:
             await self._connect(context)
         except BrokerError as exc:
             await _abort(context, exc)
+        except Exception:
+            logger.exception("unexpected error on a vehicle stream")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged)")
 
     async def _connect(self, context: Context) -> None:
         metadata = context.invocation_metadata() or ()
@@ -350,26 +362,24 @@ class Servicer:
             raise InvalidArgument("the first frame on a vehicle stream must be Hello")
         session = Session(vehicle_id, now_ms=now_ms())
         await self._states.attach(vehicle_id)
-        self._states.seen(vehicle_id, session.connected_since_ms)
-        await context.write(
-            link.BrokerFrame(
-                welcome=link.Welcome(
-                    session_id=session.session_id,
-                    server_time_ms=now_ms(),
-                    telemetry_policy=link.TelemetryPolicy(
-                        **self._guard.welcome_policy(vehicle_id, time.monotonic())._asdict()
-                    ),
-                    window=self._config.window,
-                )
-            )
-        )
-        self._dispatcher.connect(session, hello_frame.hello.recent_command_ids)
-        reader = asyncio.create_task(self._read_frames(context, session))
         try:
-            await self._write_frames(context, session)
+            self._states.seen(vehicle_id, session.connected_since_ms)
+            policy = self._guard.welcome_policy(vehicle_id, time.monotonic())
+            welcome = link.Welcome(
+                session_id=session.session_id,
+                server_time_ms=now_ms(),
+                telemetry_policy=link.TelemetryPolicy(**policy._asdict()),
+                window=self._config.window,
+            )
+            await context.write(link.BrokerFrame(welcome=welcome))
+            self._dispatcher.connect(session, hello_frame.hello.recent_command_ids)
+            reader = asyncio.create_task(self._read_frames(context, session))
+            try:
+                await self._write_frames(context, session)
+            finally:
+                reader.cancel()
         finally:
-            reader.cancel()
-            if self._dispatcher.disconnect(session):  # the car is gone, not replaced
+            if self._dispatcher.disconnect(session):  # no stream left for this car
                 leftover = self._guard.forget(vehicle_id)
                 if leftover:
                     self._states.report(vehicle_id, leftover, now_ms())
@@ -398,13 +408,9 @@ class Servicer:
             if frame is CLOSE:
                 return
             if frame.HasField("command"):
-                if session.closed or not self._dispatcher.may_send(frame.command):
-                    self._dispatcher.not_sent(session, frame.command.command_id)
+                if await self._dispatcher.deliver(session, frame.command) is None:
                     continue
-                await context.write(frame)
-                self._dispatcher.sent(session, frame.command)
-            else:
-                await context.write(frame)
+            await context.write(frame)
 
     async def _read_frames(self, context: Context, session: Session) -> None:
         vehicle_id = session.vehicle_id
@@ -430,9 +436,10 @@ class Servicer:
                 frame = _parse(link.VehicleFrame, raw)
                 kind = frame.WhichOneof("kind")
                 if kind == "ack":
-                    self._dispatcher.acked(vehicle_id, frame.ack.command_id)
+                    self._dispatcher.acked(vehicle_id, check_id("command_id", frame.ack.command_id))
                 elif kind == "result":
                     result = frame.result
+                    check_id("command_id", result.command_id)
                     if len(result.message) > 1024 or len(result.detail) > 16384:
                         raise InvalidArgument("result message/detail too large")
                     self._dispatcher.result(
@@ -450,9 +457,12 @@ class Servicer:
             session.close(exc)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the stream broke under us (e.g. the car vanished)
-            logger.debug("vehicle %s stream read ended: %r", vehicle_id, exc)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, ConnectionError) as exc:
+            logger.debug("vehicle %s stream read ended: %r", vehicle_id, exc)  # car vanished
             session.close()
+        except Exception:
+            logger.exception("vehicle %s: unexpected error reading its stream", vehicle_id)
+            session.close(Unavailable("internal error on this stream (logged); reconnect"))
 
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"

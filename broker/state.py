@@ -32,28 +32,33 @@ class VehicleStates:
         self._sessions = sessions
         self._max_fields = max_fields
         self._live: dict[str, Any] = {}  # vehicle_id -> VehicleState, for connected cars
+        self._streams: dict[str, int] = {}  # vehicle_id -> streams attached (old + new)
         self._dirty: set[str] = set()
 
     async def attach(self, vehicle_id: str) -> None:
-        """Load a connecting car's durable state into memory."""
+        """A stream for this car starts: hold its durable state in memory while any does."""
+        self._streams[vehicle_id] = self._streams.get(vehicle_id, 0) + 1
         if vehicle_id not in self._live:
             stored = await self._store.get_state(vehicle_id)
-            self._live[vehicle_id] = stored or svc.VehicleState(vehicle_id=vehicle_id)
+            if vehicle_id not in self._live:  # another stream may have loaded it meanwhile
+                self._live[vehicle_id] = stored or svc.VehicleState(vehicle_id=vehicle_id)
 
     async def detach(self, vehicle_id: str) -> None:
-        """The car's stream ended: persist what it reported and drop it from memory."""
-        if vehicle_id in self._sessions:
-            return  # a newer stream for the same car holds the state now
-        state = self._live.get(vehicle_id)
+        """A stream for this car ended; after its last one, persist and drop the state."""
+        remaining = self._streams.get(vehicle_id, 0) - 1
+        if remaining > 0:
+            self._streams[vehicle_id] = remaining
+            return
+        self._streams.pop(vehicle_id, None)
+        state = self._live.pop(vehicle_id, None)
+        self._dirty.discard(vehicle_id)
         if state is None:
             return
-        self._dirty.discard(vehicle_id)
         try:
+            # A stream attaching meanwhile reads after this write: the writer is FIFO.
             await self._store.put_states([state])
         except BrokerError as exc:
             logger.warning("could not persist state of %s: %s", vehicle_id, exc.message)
-        if vehicle_id not in self._sessions:
-            self._live.pop(vehicle_id, None)
 
     def seen(self, vehicle_id: str, at_ms: int) -> None:
         state = self._live.get(vehicle_id)
@@ -71,11 +76,14 @@ class VehicleStates:
             current = state.fields.get(signal.name)
             if current is None and len(state.fields) >= self._max_fields:
                 raise InvalidArgument(f"more than {self._max_fields} distinct state fields")
-            if current is not None and current.reported_at_ms > signal.reported_at_ms:
+            # Unstamped means "now"; a car clock running ahead cannot date a value later
+            # than its arrival (it would freeze the field until that time).
+            stamp = min(signal.reported_at_ms or received_at_ms, received_at_ms)
+            if current is not None and current.reported_at_ms > stamp:
                 continue
             entry = state.fields[signal.name]
             entry.value.CopyFrom(signal.value)
-            entry.reported_at_ms = signal.reported_at_ms or received_at_ms
+            entry.reported_at_ms = stamp
             entry.received_at_ms = received_at_ms
         self._dirty.add(vehicle_id)
 

@@ -157,7 +157,7 @@ class Store:
 
     async def close(self) -> None:
         """Commit everything queued, then close the environment."""
-        await asyncio.to_thread(self._writer.close)
+        await self._writer.close()
         self._env.close()
         self._lock_file.close()  # releases the folder lock
 
@@ -246,7 +246,11 @@ class Store:
     def mark_delivered(
         self, deliveries: Sequence[tuple[str, int]], *, now_ms: int
     ) -> asyncio.Future[list[Any]]:
-        """Record that commands went on the wire: `(command_id, result_timeout_ms)` pairs."""
+        """Record that commands go on the wire: `(command_id, result_timeout_ms)` pairs.
+
+        Returns the commands it recorded; one not returned must not be sent (terminal, or
+        past its expires_at).
+        """
 
         def op(txn: Any) -> list[Any]:
             changed = []
@@ -254,6 +258,8 @@ class Store:
                 command = self._load(txn, command_id)
                 if command is None or command.status not in (t.ACCEPTED, t.QUEUED, t.DELIVERED):
                     continue
+                if now_ms >= command.expires_at_ms:
+                    continue  # never on the wire after expires_at: the timer will settle it
                 self._update(
                     txn,
                     command,

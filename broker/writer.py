@@ -15,13 +15,14 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import lmdb
 
-from broker.errors import BrokerError, StoreUnavailable
+from broker.errors import BrokerError, InvalidArgument, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,31 +72,43 @@ class Writer:
         self._jobs.put(_Job(op, future))
         return future
 
-    def close(self) -> None:
-        """Finish every queued job, then stop the thread (blocking; call from a thread)."""
+    async def close(self) -> None:
+        """Finish every queued job, then stop the thread. Call on the event loop."""
         if self._closed:
             return
-        self._closed = True
+        self._closed = True  # set on the loop, so no submit() can slip in after the sentinel
         self._jobs.put(None)
-        self._thread.join()
+        await asyncio.to_thread(self._thread.join)
 
     # -- the thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except RuntimeError:  # the event loop is gone: nobody is waiting any more
+            logger.warning("writer: event loop closed; stopping")
+        except BaseException:
+            logger.exception("writer thread failed; the store refuses further work")
+            self._closed = True
+            self._fail_leftovers()
+            raise
+
+    def _serve(self) -> None:
+        interval = self._relaxed_sync_interval_s
+        last_sync = time.monotonic()
         stop = False
-        timeout = self._relaxed_sync_interval_s
         while not stop:
-            try:
-                first = self._jobs.get(timeout=timeout)
-            except queue.Empty:
-                self._env.sync(True)  # relaxed mode: bound what a power loss can cost
-                continue
             group: list[_Job[Any]] = []
-            if first is None:
-                stop = True
+            try:
+                first = self._jobs.get(timeout=interval)
+            except queue.Empty:  # relaxed mode's idle wake-up: only the sync below
+                first = None
             else:
-                group.append(first)
-            while len(group) < self._group_max:
+                if first is None:
+                    stop = True
+                else:
+                    group.append(first)
+            while group and len(group) < self._group_max:
                 try:
                     job = self._jobs.get_nowait()
                 except queue.Empty:
@@ -105,13 +118,27 @@ class Writer:
                     break
                 group.append(job)
             if group:
-                try:
-                    self._run_group(group)
-                except RuntimeError:  # the event loop is gone: nobody is waiting any more
-                    logger.warning("writer: event loop closed; dropping %d results", len(group))
-                    return
-        if self._relaxed_sync_interval_s is not None:
+                self._run_group(group)
+            # Relaxed mode: commits skip fsync, so sync at least every `interval`, busy or
+            # idle, to bound what a power loss can cost.
+            if interval is not None and time.monotonic() - last_sync >= interval:
+                self._env.sync(True)
+                last_sync = time.monotonic()
+        if interval is not None:
             self._env.sync(True)
+
+    def _fail_leftovers(self) -> None:
+        error = StoreUnavailable("the store's writer stopped; the broker must be restarted")
+        leftovers = []
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                leftovers.append(job)
+        if leftovers and self._loop is not None:
+            self._loop.call_soon_threadsafe(_settle, leftovers, [(False, error)] * len(leftovers))
 
     def _run_group(self, group: list[_Job[Any]]) -> None:
         while True:
@@ -147,6 +174,8 @@ class Writer:
                 except BrokerError as exc:
                     # Operations raise domain errors before they write anything.
                     outcomes.append((False, exc))
+                except lmdb.BadValsizeError as exc:  # a key the caller made too long
+                    raise _OpBug() from exc
                 except lmdb.Error:
                     raise
                 except Exception as exc:
@@ -162,6 +191,8 @@ class Writer:
         try:
             return self._commit([job])[0]
         except _OpBug as bug:
+            if isinstance(bug.__cause__, lmdb.BadValsizeError):
+                return False, InvalidArgument(f"a key is too long or empty: {bug.__cause__}")
             logger.exception("store operation failed", exc_info=bug.__cause__)
             return False, StoreUnavailable(f"store operation failed: {bug.__cause__!r}")
         except lmdb.Error as exc:

@@ -89,7 +89,7 @@ async def test_a_failing_operation_fails_alone(
 
 async def test_close_commits_what_was_queued_then_refuses(writer: Writer, env: Any) -> None:
     futures = [writer.submit(put(b"k%d" % i)) for i in range(5)]
-    await asyncio.to_thread(writer.close)
+    await writer.close()
     assert await asyncio.gather(*futures) == [b"k%d" % i for i in range(5)]
     with pytest.raises(StoreUnavailable, match="closed"):
         await writer.submit(put(b"late"))
