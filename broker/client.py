@@ -21,13 +21,15 @@ from typing import Any, TypeVar
 
 import grpc
 
+from broker.config import LANES
+from broker.errors import pushback_ms
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 
 T = TypeVar("T")
 DEFAULT_TARGET = "127.0.0.1:50051"
 WAIT_MODES = {"none": svc.WAIT_NONE, "delivered": svc.WAIT_DELIVERED, "result": svc.WAIT_RESULT}
-LANE_NAMES = {"critical": t.CRITICAL, "interactive": t.INTERACTIVE, "bulk": t.BULK}
+LANE_NAMES = LANES  # lane name -> Lane value
 
 
 class BrokerRpcError(Exception):
@@ -68,15 +70,10 @@ def command_to_dict(command: Any) -> dict[str, Any]:
     return out
 
 
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
-
-
 def _rpc_error(error: grpc.aio.AioRpcError) -> BrokerRpcError:
-    pushback = None
-    for key, value in error.trailing_metadata() or ():
-        if key == PUSHBACK_KEY and str(value).isdigit():
-            pushback = int(value)
-    return BrokerRpcError(error.code().name, error.details() or "", pushback)
+    return BrokerRpcError(
+        error.code().name, error.details() or "", pushback_ms(error.trailing_metadata())
+    )
 
 
 class BrokerClient:
@@ -239,7 +236,7 @@ def build_request(
         vehicle_id=vehicle_id,
         name=name,
         payload=payload or b"",
-        lane=LANE_NAMES[lane] if lane else t.LANE_UNSPECIFIED,
+        lane=LANE_NAMES[lane] if lane else t.LANE_UNSPECIFIED,  # type: ignore[arg-type]
         ttl_ms=_whole_ms(ttl_s),
         idempotency_key=idempotency_key,
         coalesce_key=coalesce_key,

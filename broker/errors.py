@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+
+#: trailer carrying a refusal's retry hint, in milliseconds (gRPC's own retry convention)
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def pushback_ms(trailing_metadata: Any) -> int | None:
+    """The broker's retry hint from a failed call's trailers, if it sent one."""
+    for key, value in trailing_metadata or ():
+        if key == PUSHBACK_KEY and str(value).isdigit():
+            return int(value)
+    return None
 
 
 class BrokerError(Exception):

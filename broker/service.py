@@ -23,7 +23,14 @@ from broker.auth import VEHICLE_ID_HEADER, Authenticator, Principal
 from broker.clock import now_ms
 from broker.config import Config
 from broker.dispatch import Dispatcher
-from broker.errors import BrokerError, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from broker.errors import (
+    PUSHBACK_KEY,
+    BrokerError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from broker.events import EventHub
 from broker.sessions import CLOSE, Session, StreamGate
 from broker.state import VehicleStates, check_signals
@@ -407,9 +414,9 @@ class Servicer:
             frame = await session.outbox.get()
             if frame is CLOSE:
                 return
-            if frame.HasField("command"):
-                if await self._dispatcher.deliver(session, frame.command) is None:
-                    continue
+            is_command = frame.HasField("command")
+            if is_command and await self._dispatcher.deliver(session, frame.command) is None:
+                continue  # canceled, superseded or expired meanwhile, or the stream is closing
             await context.write(frame)
 
     async def _read_frames(self, context: Context, session: Session) -> None:
@@ -465,7 +472,6 @@ class Servicer:
             session.close(Unavailable("internal error on this stream (logged); reconnect"))
 
 
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
 SHED_READ_PAUSE_S = 0.1
 #: first byte of a serialized VehicleFrame holding `telemetry` (field 4) or `state` (field 5)
 TELEMETRY_TAGS = (b"\x22", b"\x2a")

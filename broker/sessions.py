@@ -44,13 +44,12 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._by_vehicle: dict[str, Session] = {}
 
-    def attach(self, session: Session) -> Session | None:
-        """Make `session` the car's live one; close and return the one it replaces."""
+    def attach(self, session: Session) -> None:
+        """Make `session` the car's live one; close the one it replaces."""
         old = self._by_vehicle.get(session.vehicle_id)
         self._by_vehicle[session.vehicle_id] = session
         if old is not None:
             old.close(Replaced("replaced by a newer connection for this vehicle"))
-        return old
 
     def detach(self, session: Session) -> bool:
         """Forget `session` if it is still the live one; True if it was."""

@@ -23,6 +23,7 @@ import grpc
 
 from broker.auth import VEHICLE_ID_HEADER
 from broker.clock import now_ms
+from broker.errors import pushback_ms
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 
@@ -92,6 +93,7 @@ class VehicleAgent:
         self._finished_at: dict[str, float] = {}  # command_id -> monotonic completion time
         #: gRPC allows one write in flight per stream; every frame goes through this lock.
         self._write_lock = asyncio.Lock()
+        self._execution_lock = asyncio.Lock()
         self._call: Any = None
         self._stopping = False
         self._clock_offset_ms = 0
@@ -270,7 +272,11 @@ class VehicleAgent:
                 result = asyncio.get_running_loop().create_future()
                 self._remember(command_id, result)
                 try:
-                    result.set_result(await self._execute(command))
+                    # One command at a time, in wire order (both locks are FIFO): an unlock
+                    # followed by a lock must end locked.
+                    async with self._execution_lock:
+                        outcome = await self._execute(command)
+                    result.set_result(outcome)
                 except BaseException:  # stopped mid-command: forget it, never hang a re-send
                     self._results.pop(command_id, None)
                     result.cancel()
@@ -327,8 +333,5 @@ class VehicleAgent:
 
 
 def _pushback_s(error: grpc.aio.AioRpcError) -> float:
-    """The broker's `grpc-retry-pushback-ms` hint in seconds (0 when it sent none)."""
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-retry-pushback-ms" and str(value).isdigit():
-            return int(value) / 1000
-    return 0.0
+    """The broker's retry hint in seconds (0 when it sent none)."""
+    return (pushback_ms(error.trailing_metadata()) or 0) / 1000

@@ -1,0 +1,155 @@
+"""Races the review found: each once let a command or a state value go wrong."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from broker.client import BrokerRpcError
+from broker.clock import now_ms
+from broker.store import NewCommand
+from broker.v1 import types_pb2 as t
+from broker.v1 import vehicle_link_pb2 as link
+from broker.vehicle import VehicleAgent
+from tests.conftest import Running
+
+
+async def _agent(running: Running, vehicle_id: str, **handlers: Any) -> VehicleAgent:
+    agent = running.agent(vehicle_id, handlers=handlers)
+    asyncio.create_task(agent.run())  # noqa: RUF006 - stopped by the fixture's closers
+    await asyncio.wait_for(agent.connected.wait(), 5)
+    return agent
+
+
+async def _settled(running: Running, command_id: str) -> Any:
+    client = running.client()
+    for _ in range(200):
+        command = await client.get_command(command_id)
+        if command.status not in (t.ACCEPTED, t.QUEUED, t.DELIVERED, t.ACKED):
+            return command
+        await asyncio.sleep(0.02)
+    return command
+
+
+async def test_a_canceled_command_never_reaches_the_car(running: Running) -> None:
+    """Cancel right behind the send: either CANCELED and never run, or refused and run."""
+
+    async def climate(payload: bytes) -> bool:
+        return True
+
+    agent = await _agent(running, "race-cancel", climate=climate)
+    client = running.client()
+    canceled = []
+    for _ in range(25):
+        reply = await client.send_command("race-cancel", "climate")
+        command_id = reply.command.command_id
+        try:
+            await client.cancel_command(command_id)
+            canceled.append(command_id)
+        except BrokerRpcError as exc:
+            assert exc.code == "FAILED_PRECONDITION"
+            assert (await _settled(running, command_id)).status == t.SUCCEEDED
+    await asyncio.sleep(0.3)
+    assert not set(canceled) & set(agent.executed)
+    for command_id in canceled:
+        assert (await client.get_command(command_id)).status == t.CANCELED
+
+
+async def test_a_caller_cancelled_during_the_write_does_not_strand_its_command(
+    running: Running,
+) -> None:
+    item = NewCommand("race-strand", "climate", b"", t.INTERACTIVE, 60_000)
+    dispatcher = running.broker.dispatcher
+    task = asyncio.create_task(dispatcher.submit([item]))
+    await asyncio.sleep(0)  # the write is queued; the caller goes away before it commits
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.2)
+    (command,) = await running.client().list_commands("race-strand")
+    assert dispatcher.current("race-strand", command.command_id) is not None
+    agent = await _agent(running, "race-strand", climate=lambda payload: _true())
+    assert (await _settled(running, command.command_id)).status == t.SUCCEEDED
+    assert agent.executed == [command.command_id]
+
+
+async def _true() -> bool:
+    return True
+
+
+async def test_state_survives_a_fast_reconnect(running: Running) -> None:
+    first = await _agent(running, "race-state")
+    second = await _agent(running, "race-state")  # replaces the first
+    await first.stop()
+    await second.report_state({"odometer": 1234})
+    await asyncio.sleep(0.1)
+    state = await running.client().get_vehicle_state("race-state")
+    assert state.connected
+    assert state.fields["odometer"].value.number == 1234
+
+
+async def test_unstamped_values_keep_updating(running: Running) -> None:
+    agent = await _agent(running, "race-stamp")
+    for value in (1, 2, 3):
+        await agent._send(
+            link.VehicleFrame(
+                state=link.StateReport(
+                    fields=[link.Signal(name="gear", value=t.Value(number=value))]
+                )
+            )
+        )
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    state = await running.client().get_vehicle_state("race-stamp")
+    assert state.fields["gear"].value.number == 3
+    assert 0 < state.fields["gear"].reported_at_ms <= now_ms()
+
+
+async def test_a_too_long_key_fails_alone(running: Running) -> None:
+    client = running.client()
+    emoji_key = "\U0001f511" * 128  # 128 characters, 512 bytes
+    results = await asyncio.gather(
+        client.send_command("race-key", "climate", idempotency_key=emoji_key),
+        client.send_command("race-key", "climate"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], BrokerRpcError) and results[0].code == "INVALID_ARGUMENT"
+    assert not isinstance(results[1], BaseException)
+    assert results[1].command.status == t.QUEUED
+
+
+async def test_a_result_with_a_bad_command_id_is_invalid_argument(running: Running) -> None:
+    agent = await _agent(running, "race-badid")
+    await agent._send(link.VehicleFrame(result=link.CommandResult(command_id="", success=True)))
+    for _ in range(50):
+        if agent.last_error is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert agent.last_error is not None
+    assert agent.last_error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_sdk_executes_in_wire_order(start_broker: Callable[..., Any]) -> None:
+    running = await start_broker(window=4)
+    order: list[str] = []
+
+    async def unlock(payload: bytes) -> bool:
+        await asyncio.sleep(0.2)  # a slow actuator
+        order.append("unlock")
+        return True
+
+    async def lock(payload: bytes) -> bool:
+        order.append("lock")
+        return True
+
+    await _agent(running, "race-order", unlock=unlock, lock=lock)
+    client = running.client()
+    first = await client.send_command("race-order", "unlock")
+    second = await client.send_command("race-order", "lock")
+    for command_id in (first.command.command_id, second.command.command_id):
+        assert (await _settled(running, command_id)).status == t.SUCCEEDED
+    assert order == ["unlock", "lock"]  # the car ends locked
