@@ -217,6 +217,7 @@ class Servicer:
             lane=lane,
             ttl_ms=ttl_ms,
             idempotency_key=request.idempotency_key,
+            idempotency_scope=f"{principal.kind}:{principal.name}",
             coalesce_key=request.coalesce_key,
         )
 
@@ -306,8 +307,13 @@ class Servicer:
                 items[index].accepted.deduplicated = result.deduplicated
         return svc.SendCommandsResponse(items=items)
 
+    # Reads are admitted like commands (polling floods are shed before they can delay
+    # an unlock's durable write): single reads on the interactive lane, listings on bulk.
+
     async def get_command(self, request: Any, principal: Principal) -> Any:
-        return await self._store.get(self._command_id(request.command_id))
+        command_id = self._command_id(request.command_id)
+        async with self._admission.slot(t.INTERACTIVE):
+            return await self._store.get(command_id)
 
     async def cancel_command(self, request: Any, principal: Principal) -> Any:
         return await self._dispatcher.cancel(self._command_id(request.command_id))
@@ -324,7 +330,8 @@ class Servicer:
         limit = request.limit or 100
         if limit > 1000:
             raise InvalidArgument("limit is at most 1000")
-        commands = await self._store.list_vehicle(request.vehicle_id, limit=limit)
+        async with self._admission.slot(t.BULK):
+            commands = await self._store.list_vehicle(request.vehicle_id, limit=limit)
         return svc.ListCommandsResponse(commands=commands)
 
     async def watch_commands(self, request: Any, principal: Principal) -> AsyncIterator[Any]:
@@ -337,7 +344,8 @@ class Servicer:
 
     async def get_vehicle_state(self, request: Any, principal: Principal) -> Any:
         check_id("vehicle_id", request.vehicle_id)
-        return await self._states.get(request.vehicle_id)
+        async with self._admission.slot(t.INTERACTIVE):
+            return await self._states.get(request.vehicle_id)
 
     # -- VehicleLink ---------------------------------------------------------------------------
 

@@ -61,10 +61,12 @@ class VehicleStates:
             logger.warning("could not persist state of %s: %s", vehicle_id, exc.message)
 
     def seen(self, vehicle_id: str, at_ms: int) -> None:
+        """Note a frame from the car. Not a reason to write: last_seen reaches LMDB with
+        the next field change or when the car disconnects (while it is connected, the
+        live session, not last_seen, says it is current)."""
         state = self._live.get(vehicle_id)
         if state is not None:
             state.last_seen_ms = at_ms
-            self._dirty.add(vehicle_id)
 
     def report(self, vehicle_id: str, signals: Iterable[Any], received_at_ms: int) -> None:
         """Apply reported signals; an older report never overwrites a newer value."""

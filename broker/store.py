@@ -8,7 +8,7 @@ Databases (all keys sort bytewise):
 - `commands`   command_id -> Command (protobuf; the record is the wire type)
 - `by_vehicle` vehicle_id 0x00 seq -> command_id          (ListCommands, newest first)
 - `timers`     at_ms command_id -> ""                     (every command's next deadline)
-- `idem`       idempotency_key -> command_id
+- `idem`       scope 0x00 idempotency_key -> command_id (scope: the calling principal)
 - `coalesce`   vehicle_id 0x00 coalesce_key -> command_id (the newest holder of the key)
 - `states`     vehicle_id -> VehicleState (last known fields)
 - `meta`       b"seq" -> last sequence number
@@ -56,6 +56,7 @@ class NewCommand:
     lane: int
     ttl_ms: int
     idempotency_key: str = ""
+    idempotency_scope: str = ""  # the caller: one caller's keys never match another's
     coalesce_key: str = ""
 
 
@@ -92,6 +93,10 @@ def _lock_folder(path: Path) -> IO[bytes]:
             f"the data folder {path} is in use by another broker process"
         ) from None
     return lock_file
+
+
+def _idem_key(scope: str, key: str) -> bytes:
+    return scope.encode() + b"\x00" + key.encode()
 
 
 def new_command_id(now_ms: int) -> str:
@@ -186,7 +191,9 @@ class Store:
 
     def _create_one(self, txn: Any, item: NewCommand, status: int, now_ms: int) -> Created:
         if item.idempotency_key:
-            earlier_id = txn.get(item.idempotency_key.encode(), db=self._idem)
+            earlier_id = txn.get(
+                _idem_key(item.idempotency_scope, item.idempotency_key), db=self._idem
+            )
             if earlier_id is not None:
                 earlier = self._load(txn, earlier_id.decode())
                 if earlier is not None and (
@@ -197,7 +204,7 @@ class Store:
                         item.name,
                         item.payload,
                     ):
-                        raise Conflict(
+                        raise Conflict(  # the caller's own command: keys are per caller
                             f"idempotency key {item.idempotency_key!r} was used for command "
                             f"{earlier.command_id} with a different vehicle, name or payload"
                         )
@@ -214,6 +221,7 @@ class Store:
             updated_at_ms=now_ms,
             expires_at_ms=now_ms + item.ttl_ms,
             idempotency_key=item.idempotency_key,
+            idempotency_scope=item.idempotency_scope,
             coalesce_key=item.coalesce_key,
             seq=self._seq,
         )
@@ -233,7 +241,11 @@ class Store:
                 superseded = (older,)
             txn.put(ckey, command.command_id.encode(), db=self._coalesce)
         if item.idempotency_key:
-            txn.put(item.idempotency_key.encode(), command.command_id.encode(), db=self._idem)
+            txn.put(
+                _idem_key(item.idempotency_scope, item.idempotency_key),
+                command.command_id.encode(),
+                db=self._idem,
+            )
         txn.put(
             codec.vehicle_key(item.vehicle_id, command.seq),
             command.command_id.encode(),
@@ -498,7 +510,7 @@ class Store:
         txn.delete(codec.timer_key(self._timer_at(command), command.command_id), db=self._timers)
         txn.delete(codec.vehicle_key(command.vehicle_id, command.seq), db=self._by_vehicle)
         if command.idempotency_key:
-            key = command.idempotency_key.encode()
+            key = _idem_key(command.idempotency_scope, command.idempotency_key)
             if txn.get(key, db=self._idem) == command_id:
                 txn.delete(key, db=self._idem)
         if command.coalesce_key:

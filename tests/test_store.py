@@ -91,7 +91,10 @@ async def dump(store: Store) -> Dump:
             out.commands[key.decode()] = t.Command.FromString(value)
         out.timers = [codec.split_timer_key(k) for k, _ in txn.cursor(db=store._timers)]
         out.by_vehicle = {k: v.decode() for k, v in txn.cursor(db=store._by_vehicle)}
-        out.idem = {k.decode(): v.decode() for k, v in txn.cursor(db=store._idem)}
+        # keys are "scope 0x00 key"; these tests use the empty scope
+        out.idem = {
+            k.decode().split("\x00", 1)[1]: v.decode() for k, v in txn.cursor(db=store._idem)
+        }
         out.coalesce = {k: v.decode() for k, v in txn.cursor(db=store._coalesce)}
         return out
 
@@ -976,3 +979,16 @@ async def test_a_second_broker_cannot_open_the_same_folder(tmp_path: Path) -> No
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(StoreUnavailable, match="data folder"):
         Store(tmp_path / "file")
+
+
+async def test_idempotency_keys_are_per_caller(store: Store) -> None:
+    def item(scope: str) -> NewCommand:
+        return NewCommand("car-1", "unlock", b"{}", t.CRITICAL, 60_000, "k", scope)
+
+    (first,) = await store.create([item("service:app")], online=(), now_ms=T0)
+    (other,) = await store.create([item("service:fleet-ops")], online=(), now_ms=T0)
+    (again,) = await store.create([item("service:app")], online=(), now_ms=T0)
+    assert isinstance(first, Created) and isinstance(other, Created)
+    assert isinstance(again, Created)
+    assert other.command.command_id != first.command.command_id and not other.deduplicated
+    assert again.command.command_id == first.command.command_id and again.deduplicated
