@@ -1,4 +1,4 @@
-"""Helpers for `loadtests.bench`: child processes, CPU accounting and percentiles.
+"""Helpers for `loadtests.bench`: the simulated-car process, CPU accounting, percentiles.
 
 Also the entry point of the simulated-car process the bench starts:
 
@@ -26,13 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-LOOPBACK = "127.0.0.1"
-READY_LINE = re.compile(
-    r"broker ready on (?P<host>[^\s:]+):(?P<port>\d+) .*loop=(?P<loop>\S+) "
-    r"extensions=(?P<extensions>.*) auth=\S+"
-)
-METRICS_ON = re.compile(r" metrics=(?P<target>\S+)")
+from loadtests.broker_process import LOOPBACK, PROJECT_ROOT
+
 CARS_READY = "cars ready"
 #: The bench measures the command path's speed, not the per-car critical quota (which
 #: would refuse a car its 11th unlock in a minute) nor the stream gate.
@@ -82,21 +77,6 @@ def cpu_seconds(pid: int | None = None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def memory_mb(pid: int) -> dict[str, float]:
-    """A process's memory in MiB: peak resident, and resident now, split in anonymous
-    (heap) and file-backed (for the broker, mostly LMDB's map); empty without /proc."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    out = {}
-    for field, name in (("VmHWM", "peak_rss_mb"), ("RssAnon", "anon_mb"), ("RssFile", "file_mb")):
-        found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
-        if found:
-            out[name] = round(int(found[1]) / 1024, 1)
-    return out
-
-
 class CpuMeter:
     """CPU use of some processes over an interval, in % of one core."""
 
@@ -144,126 +124,6 @@ async def _end_process(proc: asyncio.subprocess.Process, timeout_s: float) -> fl
                 proc.kill()
             await proc.wait()
     return time.perf_counter() - started
-
-
-class BrokerProcess:
-    """`python -m broker.cli serve --insecure-dev` on 127.0.0.1:0 over a fresh data folder."""
-
-    def __init__(
-        self,
-        data_dir: Path,
-        log_path: Path,
-        durability: str = "fsync",
-        *,
-        args: Sequence[str] = (),
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.durability = durability
-        self.args = list(args)
-        self.env = UNTHROTTLED if env is None else env
-        self.metrics_target = ""
-        self.port = 0
-        self.proc: asyncio.subprocess.Process | None = None
-        self.target = ""
-        self.loop = ""
-        self.extensions = ""
-        self.exit_code: int | None = None
-        self.shutdown_s: float | None = None
-        self.memory_mb: dict[str, float] = {}
-        self._log: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    async def __aenter__(self) -> BrokerProcess:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def start(self, timeout_s: float = 30.0) -> None:
-        """Start (or restart, on the same data folder) and wait for the ready line."""
-        self.exit_code = None
-        self._log = self.log_path.open("ab")
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "broker.cli",
-            "serve",
-            "--insecure-dev",
-            "--listen",
-            f"{LOOPBACK}:{self.port}",
-            "--data",
-            str(self.data_dir),
-            "--durability",
-            self.durability,
-            *self.args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=self._log,
-            cwd=PROJECT_ROOT,
-            env={**os.environ, **self.env},
-        )
-        assert self.proc.stdout is not None
-        try:
-            line = (await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)).decode()
-        except TimeoutError:
-            line = ""
-        ready = READY_LINE.search(line)
-        if ready is None or ready["host"] != LOOPBACK:
-            await self.stop()
-            raise RuntimeError(
-                f"broker did not start (got {line.strip()!r}); log tail:\n{_tail(self.log_path)}"
-            )
-        self.port = int(ready["port"])  # a restart binds the same port again
-        self.target = f"{LOOPBACK}:{self.port}"
-        self.loop = ready["loop"]
-        self.extensions = ready["extensions"]
-        metrics = METRICS_ON.search(line)
-        self.metrics_target = metrics["target"] if metrics else ""
-
-    async def kill(self) -> None:
-        """kill -9: no drain, no flush; what was committed must survive."""
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
-            await self.proc.wait()
-        self.exit_code = self.proc.returncode if self.proc is not None else None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    async def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM (the broker drains and closes LMDB), SIGKILL if it takes too long."""
-        if self.proc is not None and self.exit_code is None:
-            self.memory_mb = memory_mb(self.proc.pid)
-            self.shutdown_s = round(await _end_process(self.proc, timeout_s), 3)
-            self.exit_code = self.proc.returncode
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def describe(self) -> dict[str, Any]:
-        """How the process went: memory at the end, shutdown time, exit code, log file."""
-        return {
-            "memory_mb": self.memory_mb,
-            "shutdown_s": self.shutdown_s,
-            "exit_code": self.exit_code,
-            "log": str(self.log_path),
-        }
-
-    def log_problems(self) -> list[str]:
-        """WARNING/ERROR/CRITICAL lines and tracebacks the broker logged."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return []
-        keep = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
-        return [line for line in text.splitlines() if any(k in line for k in keep)]
 
 
 class CarsProcess:

@@ -64,7 +64,8 @@ from broker.config import Config
 from broker.server import install_event_loop_policy
 from broker.v1 import types_pb2 as t
 from broker_ext._compat import extensions_summary
-from loadtests._util import BrokerProcess, CarsProcess, CpuMeter, latency_ms
+from loadtests._util import UNTHROTTLED, CarsProcess, CpuMeter, latency_ms
+from loadtests.broker_process import BrokerProcess
 
 T = TypeVar("T")
 COMMAND = "unlock"
@@ -439,13 +440,20 @@ def filesystem_of(path: Path) -> str:
     return f"{kind} ({best})"
 
 
+def bench_broker(args: argparse.Namespace, data_dir: Path, log_path: Path) -> BrokerProcess:
+    """An --insecure-dev broker at the bench's durability, without quotas in the way."""
+    return BrokerProcess(
+        data_dir, log_path, args=["--durability", args.durability], env=UNTHROTTLED
+    )
+
+
 async def run_connected_rows(
     args: argparse.Namespace, workdir: Path, results: dict[str, Any]
 ) -> None:
     """Rows 1-2: one broker, the simulated cars, SendCommand with wait=result then none."""
     async with contextlib.AsyncExitStack() as stack:
         broker = await stack.enter_async_context(
-            BrokerProcess(workdir / "online", args.out / "broker-online.log", args.durability)
+            bench_broker(args, workdir / "online", args.out / "broker-online.log")
         )
         cars = await stack.enter_async_context(
             CarsProcess(broker.target, args.cars, "car-", args.out / "cars.log")
@@ -468,7 +476,7 @@ async def run_connected_rows(
             row.update(wait=wait, cars=args.cars, concurrency=args.concurrency)
             results["send_command"].append(row)
         await cars.stop()
-        await broker.stop()
+        await broker.astop()
     _note_processes(results, broker, cars)
     results["cars"] = cars.summary
 
@@ -483,7 +491,7 @@ async def run_batch_rows(
     """
     parked = [f"parked-{i:04d}" for i in range(args.parked_cars)]
     log = args.out / f"broker-batch-{size}.log"
-    async with BrokerProcess(workdir / f"batch-{size}", log, args.durability) as broker:
+    async with bench_broker(args, workdir / f"batch-{size}", log) as broker:
         row = await within(
             args.warmup + args.duration + args.wait_timeout + 5,
             f"SendCommands batch {size}",
@@ -499,7 +507,7 @@ async def run_batch_rows(
                 ),
             ),
         )
-        await broker.stop()
+        await broker.astop()
     _note_processes(results, broker, None)
     abandon = threading.Event()
     try:

@@ -29,7 +29,8 @@ import grpc
 from broker.clock import now_ms
 from broker.v1 import vehicle_link_pb2 as link
 from broker.vehicle import VehicleAgent, signals
-from loadtests._util import UNTHROTTLED, BrokerProcess, cpu_seconds
+from loadtests._util import UNTHROTTLED, cpu_seconds
+from loadtests.broker_process import BrokerProcess
 
 WIDE_OPEN = {
     **UNTHROTTLED,
@@ -50,7 +51,7 @@ async def run_setting(
     workdir: Path, setting: str, cars: int, seconds: float, count: int
 ) -> dict[str, Any]:
     broker = BrokerProcess(workdir / setting, workdir / f"{setting}.log", env=WIDE_OPEN)
-    await broker.start()
+    await broker.astart()
     rng = random.Random(3)
     agents = [
         VehicleAgent(broker.target, f"zip-{i}", obey_policy=False, compression=SETTINGS[setting])
@@ -79,7 +80,7 @@ async def run_setting(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await broker.stop()
+        await broker.astop()
     frame = link.VehicleFrame(
         telemetry=link.TelemetryBatch(signals=signals(batch_values(rng, count), now_ms()))
     ).SerializeToString()

@@ -37,9 +37,8 @@ from broker.client import BrokerClient, BrokerRpcError
 from broker.simulator import SimulatedFleet
 from broker.store import TERMINAL
 from broker.v1 import types_pb2 as t
-from loadtests._util import BrokerProcess, latency_ms
-
-LOOPBACK = "127.0.0.1"
+from loadtests._util import latency_ms
+from loadtests.broker_process import LOOPBACK, BrokerProcess
 
 
 @dataclass
@@ -75,25 +74,25 @@ class Drill:
             workdir / "data",
             workdir / "broker.log",
             args=["--metrics", f"{LOOPBACK}:0"],
-            env=env or {},
+            env=env,
         )
         self.client: BrokerClient | None = None
 
     async def start(self) -> BrokerClient:
-        await self.broker.start()
+        await self.broker.astart()
         self.client = BrokerClient(self.broker.target, max_pushback_retries=0)
         return self.client
 
     async def restart(self) -> None:
         target = self.broker.target
-        await self.broker.start()
+        await self.broker.astart()
         if self.broker.target != target:  # cars and client must find it where it was
             raise RuntimeError(f"restarted broker moved from {target} to {self.broker.target}")
 
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
-        await self.broker.stop()
+        await self.broker.astop()
 
     async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         def fetch() -> str:
@@ -339,7 +338,7 @@ async def crash_and_replant(
         senders = [asyncio.create_task(load()) for _ in range(4)]
         for _ in range(kills):
             await asyncio.sleep(load_s)
-            await drill.broker.kill()
+            await drill.broker.akill()
             await asyncio.sleep(down_s)
             restarted = time.monotonic()
             await drill.restart()
@@ -352,7 +351,7 @@ async def crash_and_replant(
         executed = collections.Counter(
             command_id for car in fleet.cars for command_id in car.agent.executed
         )
-        health_after = drill.broker.proc is not None and drill.broker.proc.returncode is None
+        health_after = drill.broker.running
     finally:
         alive = False
         await fleet.stop()

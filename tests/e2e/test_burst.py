@@ -26,8 +26,8 @@ from broker.config import Config
 from broker.server import server_options
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
+from loadtests.broker_process import BrokerProcess
 from tests.conftest import SECRET
-from tests.e2e.conftest import BrokerProcess
 
 #: Streams per burst. On 2 cores the bare server loses ~20% of 3000 with grpc's defaults;
 #: the broker takes 5000 in ~3 s (10000 in ~6 s).
@@ -137,12 +137,10 @@ async def test_grpc_default_pending_limits_fail_part_of_a_burst_and_ours_do_not(
 @pytest.fixture
 def broker_process(tmp_path: Path) -> Iterator[BrokerProcess]:
     # This burst tests grpc's pending-request limits, not our stream gate: open it wide.
-    wide_gate = {
-        "BROKER_AUTH_SECRET": SECRET,
-        "BROKER_NEW_STREAMS_PER_S": "1000000",
-        "BROKER_NEW_STREAMS_BURST": "1000000",
-    }
-    process = BrokerProcess(tmp_path / "data", tmp_path / "broker", env=wide_gate)
+    wide_gate = {"BROKER_NEW_STREAMS_PER_S": "1000000", "BROKER_NEW_STREAMS_BURST": "1000000"}
+    process = BrokerProcess(
+        tmp_path / "data", tmp_path / "broker.log", secret=SECRET, env=wide_gate
+    )
     try:
         yield process.start()
     finally:

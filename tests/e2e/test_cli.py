@@ -23,8 +23,8 @@ import pytest
 
 import broker
 from broker.auth import Authenticator, issue_token
+from loadtests.broker_process import BrokerProcess, clean_env
 from tests.conftest import SECRET
-from tests.e2e.conftest import BrokerProcess, clean_env
 
 CLI = [sys.executable, "-m", "broker.cli"]
 TIMEOUT_S = 30
@@ -121,7 +121,7 @@ def wait_for(predicate: Callable[[], object], timeout_s: float = 15, what: str =
 def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An --insecure-dev broker with two simulated cars, car-0 and car-1; its target."""
     root = tmp_path_factory.mktemp("cli-dev")
-    process = BrokerProcess(root / "data", root / "broker", insecure_dev=True)
+    process = BrokerProcess(root / "data", root / "broker.log")
     sim = None
     try:
         process.start()
@@ -146,7 +146,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A broker that requires tokens signed with SECRET; its target."""
     root = tmp_path_factory.mktemp("cli-auth")
-    process = BrokerProcess(root / "data", root / "broker")
+    process = BrokerProcess(root / "data", root / "broker.log", secret=SECRET)
     try:
         yield process.start().target
     finally:

@@ -27,8 +27,8 @@ from broker.store import TERMINAL
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 from broker.vehicle import VehicleAgent
+from loadtests.broker_process import BrokerProcess
 from tests.conftest import SECRET
-from tests.e2e.conftest import BrokerProcess
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -136,7 +136,7 @@ async def test_every_acknowledged_command_survives_kill_9_and_runs_exactly_once(
 ) -> None:
     # 20 commands a car, half critical: past the per-car critical quota, which is not
     # what this test is about.
-    env = {"BROKER_AUTH_SECRET": SECRET, "BROKER_CRITICAL_PER_MINUTE": "1000"}
+    env = {"BROKER_CRITICAL_PER_MINUTE": "1000"}
     first = spawn(env=env)
     vehicles = [f"crash-{i}" for i in range(N_VEHICLES)]
     acked: dict[str, int] = {}  # command_id -> n, for every SendCommand that answered
@@ -309,7 +309,7 @@ async def test_commands_in_flight_at_kill_9_finish_once_after_restart(
             await asyncio.sleep(0.05)
         first.kill()  # delivered and acked, result not yet recorded
         release.set()  # the cars finish; their results have no stream to go to
-        second = spawn(listen=first.target, args=["--config", str(config)])
+        second = spawn(port=first.port, args=["--config", str(config)])
         async with service_client(second.target) as client2:
             final = await wait_terminal(client2, vehicles, ids, timeout_s=15)
         executed = fleet.executed()

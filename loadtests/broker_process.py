@@ -1,0 +1,207 @@
+"""`python -m broker.cli serve` as a child process: the one helper of the load tools and
+the end-to-end tests.
+
+Synchronous at its core (`start`, `stop` and `kill` return once done), so pytest fixtures
+use it as is; asyncio callers use `astart`, `astop`, `akill` or `async with`, which run
+the same waits on a worker thread while the event loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
+#: Only a whole line (with its newline) counts, so `metrics=` is never missed.
+READY_LINE = re.compile(
+    r"broker ready on (?P<host>[^\s:]+):(?P<port>\d+) .*loop=(?P<loop>\S+) "
+    r"extensions=(?P<extensions>.*) auth=\S+(?: metrics=(?P<metrics>\S+))?\n"
+)
+
+
+def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without BROKER_* settings (but the choice of compiled or
+    pure-Python twins, so both builds can be run end to end), plus `extra`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BROKER_") or k == "BROKER_NO_EXTENSIONS"
+    }
+    env.update(extra)
+    return env
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """A process's memory in MiB: peak resident, and resident now, split in anonymous
+    (heap) and file-backed (for the broker, mostly LMDB's map); empty without /proc."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for field, name in (("VmHWM", "peak_rss_mb"), ("RssAnon", "anon_mb"), ("RssFile", "file_mb")):
+        found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+        if found:
+            out[name] = round(int(found[1]) / 1024, 1)
+    return out
+
+
+class BrokerProcess:
+    """A broker on 127.0.0.1 over `data_dir`, its stdout and stderr appended to `log_path`.
+
+    With `secret` it requires tokens signed with it (BROKER_AUTH_SECRET), without it runs
+    `--insecure-dev`. Its environment is `clean_env(env)`; `args` go after the others.
+    `port=0` takes a free port (read from the "broker ready on HOST:PORT ..." line); a
+    second `start()`, a restart over the same data folder, binds the same port again.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        *,
+        secret: str | None = None,
+        port: int = 0,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.port = port
+        self.secret = secret
+        self.args = list(args)
+        self.env = clean_env({**({"BROKER_AUTH_SECRET": secret} if secret else {}), **(env or {})})
+        self.loop = ""
+        self.extensions = ""
+        self.metrics_target = ""  # HOST:PORT when started with `--metrics`
+        self.shutdown_s: float | None = None
+        self.memory_mb: dict[str, float] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """None until it has been started and has ended."""
+        return None if self._proc is None else self._proc.poll()
+
+    def start(self, timeout_s: float = 30.0) -> BrokerProcess:
+        """Start (or restart) and wait, bounded, for the ready line; SIGKILL on failure."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            offset = log.tell()  # where this run's output starts
+            self._proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "broker.cli", "serve"),
+                    *("--listen", self.target, "--data", str(self.data_dir)),
+                    *([] if self.secret else ["--insecure-dev"]),
+                    *self.args,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=PROJECT_ROOT,
+                env=self.env,
+            )
+        deadline = time.monotonic() + timeout_s
+        while not (ready := READY_LINE.search(self._output(offset))):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"broker did not become ready; its log:\n{self.logs()}")
+            time.sleep(0.02)
+        self.port = int(ready["port"])
+        self.loop = ready["loop"]
+        self.extensions = ready["extensions"]
+        self.metrics_target = ready["metrics"] or ""
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL (no drain, no flush: what was committed must survive) and reap; a no-op
+        once it has ended."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (the broker drains and closes LMDB), SIGKILL after `timeout_s`; records
+        the memory it ended with and how long it took. A no-op once it has ended."""
+        if not self.running:
+            return
+        assert self._proc is not None
+        self.memory_mb = memory_mb(self._proc.pid)
+        started = time.perf_counter()
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self.shutdown_s = round(time.perf_counter() - started, 3)
+
+    # -- for asyncio callers: the same, waited for on a worker thread --
+
+    async def astart(self) -> BrokerProcess:
+        return await asyncio.to_thread(self.start)
+
+    async def astop(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    async def akill(self) -> None:
+        await asyncio.to_thread(self.kill)
+
+    async def __aenter__(self) -> BrokerProcess:
+        return await self.astart()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.astop()
+
+    # -- what it printed and logged --
+
+    def _output(self, offset: int) -> str:
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
+    def logs(self, max_chars: int = 8000) -> str:
+        """The end of the log, over every start."""
+        try:
+            return self.log_path.read_text(errors="replace")[-max_chars:]
+        except OSError:
+            return "(no log)"
+
+    def log_problems(self) -> list[str]:
+        """WARNING/ERROR/CRITICAL lines and tracebacks the broker logged."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        keep = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
+        return [line for line in text.splitlines() if any(k in line for k in keep)]
+
+    def describe(self) -> dict[str, Any]:
+        """How the process went: memory at the end, shutdown time, exit code, log file."""
+        return {
+            "memory_mb": self.memory_mb,
+            "shutdown_s": self.shutdown_s,
+            "exit_code": self.exit_code,
+            "log": str(self.log_path),
+        }
