@@ -14,7 +14,6 @@ import json
 import math
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -89,8 +88,8 @@ class BrokerClient:
         max_pushback_retries: int = 3,
     ) -> None:
         """`max_pushback_retries`: how often a call refused with UNAVAILABLE and a pushback
-        hint is retried after the hinted delay (0 disables). Retries are safe: sends carry
-        an idempotency key (one is generated when the caller gives none)."""
+        hint is retried after the hinted delay (0 disables). Retries are safe: the broker
+        sends that hint only with refusals made before anything was written."""
         self._channel = channel or grpc.aio.insecure_channel(target)
         self._owns_channel = channel is None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -151,7 +150,7 @@ class BrokerClient:
         """Send one command; with `wait`, return the status reached within `timeout_s`."""
         request = build_request(
             vehicle_id, name, payload, lane=lane, ttl_s=ttl_s,
-            idempotency_key=idempotency_key or self._retry_key(),
+            idempotency_key=idempotency_key,
             coalesce_key=coalesce_key, wait=wait, timeout_s=timeout_s,
         )  # fmt: skip
         rpc_timeout = (timeout_s or 30.0) + self._timeout_s if wait != "none" else None
@@ -160,13 +159,7 @@ class BrokerClient:
     async def send_commands(self, requests: Iterable[Any]) -> Any:
         """Send a batch of `SendCommandRequest`s (see `build_request`) in one durable write."""
         batch = svc.SendCommandsRequest(commands=list(requests))
-        for item in batch.commands:
-            item.idempotency_key = item.idempotency_key or self._retry_key()
         return await self._unary("SendCommands", batch, svc.SendCommandsResponse)
-
-    def _retry_key(self) -> str:
-        """An idempotency key that makes a pushback retry return the first command."""
-        return f"sdk-{uuid.uuid4().hex}" if self._max_pushback_retries else ""
 
     async def get_command(self, command_id: str) -> Any:
         return await self._unary(
