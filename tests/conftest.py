@@ -10,17 +10,17 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-# A 2-core CI machine running e2e brokers next to property tests: time per example is
-# not what these tests check, so no per-example deadline.
-settings.register_profile("broker", deadline=None)
-settings.load_profile("broker")
-
 from broker.auth import issue_token
 from broker.client import BrokerClient
 from broker.config import Config
 from broker.server import Broker
 from broker.simulator import SimulatedFleet
 from broker.vehicle import VehicleAgent
+
+# A 2-core CI machine running e2e brokers next to property tests: time per example is
+# not what these tests check, so no per-example deadline.
+settings.register_profile("broker", deadline=None)
+settings.load_profile("broker")
 
 SECRET = "test-secret-0123456789abcdef"
 
