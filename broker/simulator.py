@@ -95,8 +95,13 @@ class SimulatedCar:
             if self.agent.connected.is_set():
                 try:
                     await self.agent.send_telemetry(signals(self.sample(), now_ms()))
-                except (ConnectionError, grpc.aio.AioRpcError, grpc.aio.UsageError):
-                    continue
+                except (
+                    ConnectionError,
+                    grpc.aio.AioRpcError,
+                    grpc.aio.UsageError,
+                    asyncio.InvalidStateError,
+                ):
+                    continue  # the stream is going away; the agent reconnects
 
     def sample(self) -> dict[str, SignalValue]:
         """The signals of one batch: more of them at higher verbosity (and in a storm)."""

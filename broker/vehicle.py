@@ -131,6 +131,10 @@ class VehicleAgent:
                 ):
                     logger.error("vehicle %s refused: %s", self.vehicle_id, error.details())
                     raise
+            except (asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+                # The call ended before our first write got its turn: just another failed
+                # attempt (never a reason to stop reconnecting).
+                logger.debug("vehicle %s connect attempt ended early: %r", self.vehicle_id, exc)
             if self._stopping:
                 break
             failures = 0 if time.monotonic() - started > 30 else failures + 1

@@ -153,3 +153,22 @@ async def test_the_sdk_executes_in_wire_order(start_broker: Callable[..., Any]) 
     for command_id in (first.command.command_id, second.command.command_id):
         assert (await _settled(running, command_id)).status == t.SUCCEEDED
     assert order == ["unlock", "lock"]  # the car ends locked
+
+
+async def test_the_car_keeps_reconnecting_when_its_call_dies_before_the_hello() -> None:
+    """A call that failed before the Hello write got the write lock must not end run()."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once the probe closes
+    agent = VehicleAgent(f"127.0.0.1:{port}", "race-dead", backoff_base_s=0.01, backoff_cap_s=0.05)
+    await agent._write_lock.acquire()
+    runner = asyncio.create_task(agent.run())
+    await asyncio.sleep(0.3)  # the call fails (nothing listening) while the write waits
+    agent._write_lock.release()
+    await asyncio.sleep(0.3)
+    assert not runner.done(), runner.exception() if runner.done() else None
+    await agent.stop()
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
