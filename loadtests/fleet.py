@@ -21,8 +21,8 @@ steady, storm and crash run with the stream gate and the per-car critical quota 
 (`UNTHROTTLED`); reconnect-storm keeps the default stream gate, since that is what it tests.
 The telemetry fleet budget is sized for N cars at the scenario's peak rate. A
 `sitecustomize` on the broker's PYTHONPATH logs its full garbage collections, reported per
-phase (at 30k cars one takes ~1 s and is the unlock tail; `--broker-gc-freeze-s` tries
-`gc.freeze()` on a timer).
+phase (at 30k cars one took ~1 s and was the unlock tail, until the broker began freezing
+its long-lived objects: `gc_freeze_interval_s`).
 
 Everything is loopback only and bounded in time; the broker and the car processes are ended
 on exit, on failure and on Ctrl-C/SIGTERM (car processes also exit when their stdin closes).
@@ -88,19 +88,6 @@ def _fleet_gc_probe(phase, info):
 
 
 gc.callbacks.append(_fleet_gc_probe)
-"""
-#: Appended with --broker-gc-freeze-s: an experiment, not a fix in the broker.
-GC_FREEZE = """
-import os, threading
-
-
-def _fleet_gc_freezer(every_s=float(os.environ["FLEET_GC_FREEZE_S"])):
-    while True:
-        time.sleep(every_s)
-        gc.freeze()  # live objects out of the generations a full collection walks
-
-
-threading.Thread(target=_fleet_gc_freezer, daemon=True).start()
 """
 GC_LINE = re.compile(r"^fleet-gc at=(?P<at>[\d.]+) gen=(?P<gen>\d) ms=(?P<ms>[\d.]+)", re.M)
 
@@ -414,11 +401,8 @@ class Fleet:
         }
         probe = workdir / "gcprobe"
         probe.mkdir(exist_ok=True)
-        probe_text = GC_PROBE + (GC_FREEZE if args.gc_freeze_s else "")
-        (probe / "sitecustomize.py").write_text(probe_text)
+        (probe / "sitecustomize.py").write_text(GC_PROBE)
         env["PYTHONPATH"] = str(probe)
-        if args.gc_freeze_s:
-            env["FLEET_GC_FREEZE_S"] = str(args.gc_freeze_s)
         if scenario == "reconnect-storm":
             del env["BROKER_NEW_STREAMS_PER_S"], env["BROKER_NEW_STREAMS_BURST"]
         self.env = env
@@ -440,7 +424,6 @@ class Fleet:
             "ramp_streams_per_s": args.ramp,
             "telemetry_batches_per_car_per_min": args.rate,
             "unlocks_per_s": args.unlocks_per_s,
-            "broker_gc_freeze_s": args.gc_freeze_s,
             "broker_env": env,
             "host": {"cpus": os.cpu_count(), "load_at_start": os.getloadavg()},
             "phases": [],
@@ -856,13 +839,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--down-s", type=float, default=1.0, help="broker down before restart")
     parser.add_argument("--connect-timeout", type=float, default=0.0, help="default: by N")
     parser.add_argument("--time-limit", type=float, default=0.0, help="default: by N, duration")
-    parser.add_argument(
-        "--broker-gc-freeze-s",
-        dest="gc_freeze_s",
-        type=float,
-        default=0.0,
-        help="experiment: gc.freeze() in the broker every S seconds (0: off)",
-    )
     parser.add_argument("--durability", choices=["fsync", "relaxed"], default="fsync")
     # _cars only
     parser.add_argument("--target", default="")
