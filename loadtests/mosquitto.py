@@ -1,0 +1,554 @@
+"""Offline drain and kill -9 loss: this broker vs Mosquitto with persistent sessions.
+
+    python -m loadtests.mosquitto [--cars 1000 --per-car 10 --loss-wait-s 10]
+
+The same work on both: `cars` offline receivers, `per-car` acknowledged messages queued for
+each, then (a) drain: every receiver reconnects at once, timed until all are delivered;
+(b) loss: the same setup, kill -9 right after the last acknowledgement, restart on the same
+data, reconnect, count what comes back within a bounded wait.
+
+- Mosquitto (Debian package `mosquitto`; `mosquitto` on PATH): persistence on, default
+  autosave interval, persistent sessions (MQTT 3.1.1, clean_session=False) subscribed at
+  QoS 1 to `cars/<id>/cmd`; "acknowledged" is the PUBACK. Client: `paho-mqtt`, every
+  connection driven from one selector loop in this process.
+- This broker: a subprocess (fsync durability, unthrottled stream gate and quota), `climate`
+  commands with a payload and a long TTL sent with SendCommands batches ("acknowledged" is
+  the RPC's reply); `VehicleAgent`s in this process, many per channel; delivered means
+  SUCCEEDED (the car acked, executed and sent its result, recorded by the broker).
+
+Prints a markdown table and writes bench-out/mosquitto.json. Loopback only, bounded,
+temporary folders, child processes ended on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtests._util import UNTHROTTLED, cpu_seconds
+from loadtests.broker_process import LOOPBACK, PROJECT_ROOT, BrokerProcess
+
+OUT = PROJECT_ROOT / "bench-out" / "mosquitto.json"
+INSTALL_MOSQUITTO = "sudo apt-get install -y mosquitto   # Debian/Ubuntu; or your OS package"
+INSTALL_PAHO = f"{sys.executable} -m pip install paho-mqtt"
+CARS_PER_CHANNEL = 250
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _paho() -> Any:
+    try:
+        import paho.mqtt.client as mqtt
+    except ImportError:
+        raise SystemExit(
+            f"paho-mqtt is not installed; install it with:\n  {INSTALL_PAHO}"
+        ) from None
+    return mqtt
+
+
+# -- Mosquitto ------------------------------------------------------------------------------
+
+
+class Mosquitto:
+    """`mosquitto -c CONF` on 127.0.0.1, persistence in `workdir/persist`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = _free_port()
+        persist = workdir / "persist"
+        persist.mkdir(parents=True, exist_ok=True)
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} {LOOPBACK}\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {persist}/\n"
+            "max_queued_messages 1000000\n"
+            "max_inflight_messages 20\n"
+            "log_dest stderr\n"
+        )
+        self.log = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["mosquitto", "-c", str(self.conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, self.port), 0.2):
+                return
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"mosquitto did not start; log:\n{self.log.read_text()[-4000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class MqttPool:
+    """Many paho clients on one selector loop (no thread per client), in this thread."""
+
+    def __init__(self, port: int) -> None:
+        self.mqtt = _paho()
+        self.port = port
+        self.selector = selectors.DefaultSelector()
+        self.clients: list[Any] = []
+        self.received = 0
+        self.connacks = 0
+        self.subacks = 0
+        self.pubacks = 0
+
+    def client(self, client_id: str) -> Any:
+        mqtt = self.mqtt
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        client.max_inflight_messages_set(0)  # unlimited: the publisher is never the limit
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, *args: Any) -> None:
+        self.connacks += 1
+
+    def _on_subscribe(self, *args: Any) -> None:
+        self.subacks += 1
+
+    def _on_publish(self, *args: Any) -> None:
+        self.pubacks += 1
+
+    def _on_message(self, *args: Any) -> None:
+        self.received += 1
+
+    def connect(self, client: Any) -> None:
+        client.connect(LOOPBACK, self.port, keepalive=600)
+        self.clients.append(client)
+        self.selector.register(client.socket(), selectors.EVENT_READ, client)
+
+    def disconnect_all(self) -> None:
+        """Unregister, then DISCONNECT (paho closes the socket once that is written)."""
+        for client in self.clients:
+            sock = client.socket()
+            if sock is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(sock)
+            with contextlib.suppress(Exception):
+                client.disconnect()
+                client.loop_write()
+        self.clients.clear()
+
+    def pump(self, until: Callable[[], bool], timeout_s: float) -> bool:
+        """Read and write for every client until `until()` or the timeout; True if met."""
+        deadline = time.monotonic() + timeout_s
+        while not until():
+            if time.monotonic() > deadline:
+                return False
+            for client in self.clients:
+                if client.want_write():
+                    client.loop_write()
+            for key, _ in self.selector.select(0.01):
+                if key.data.loop_read(64) != 0:  # the connection ended
+                    with contextlib.suppress(KeyError, ValueError):
+                        self.selector.unregister(key.fileobj)
+        return True
+
+
+def _mqtt_setup(port: int, ids: Sequence[str], per_car: int) -> int:
+    """Persistent sessions subscribed, disconnected, then `per_car` QoS1 messages each
+    published and PUBACKed; returns how many were acknowledged."""
+    pool = MqttPool(port)
+    for vehicle_id in ids:
+        client = pool.client(vehicle_id)
+        pool.connect(client)
+        client.subscribe(f"cars/{vehicle_id}/cmd", qos=1)
+    if not pool.pump(lambda: pool.subacks >= len(ids), 60):
+        raise RuntimeError(f"only {pool.subacks}/{len(ids)} subscriptions acknowledged")
+    pool.disconnect_all()
+    time.sleep(0.5)  # mosquitto has seen every DISCONNECT: the sessions are offline
+    publisher = pool.client("publisher")
+    pool.connect(publisher)
+    payload = json.dumps({"name": "climate", "temperature_c": 21}).encode()
+    total = len(ids) * per_car
+    for round_ in range(per_car):
+        for vehicle_id in ids:
+            publisher.publish(f"cars/{vehicle_id}/cmd", payload, qos=1)
+        pool.pump(lambda r=round_: pool.pubacks >= (r + 1) * len(ids) - 200, 60)
+    pool.pump(lambda: pool.pubacks >= total, 60)
+    acked = pool.pubacks
+    pool.disconnect_all()
+    return acked
+
+
+def _drain_worker(
+    port: int, ids: Sequence[str], expected: int, timeout_s: float, go: Any, results: Any
+) -> None:
+    """One client process: reconnect `ids` once `go` is set, report when `expected` came."""
+    pool = MqttPool(port)
+    results.put(("ready", None))
+    go.wait(60)
+    cpu0 = time.process_time()
+    for vehicle_id in ids:
+        pool.connect(pool.client(vehicle_id))
+    done = pool.pump(lambda: pool.received >= expected, timeout_s)
+    finished = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+    cpu = time.process_time() - cpu0
+    if done:  # a moment more, to see any duplicate
+        pool.pump(lambda: False, 0.2)
+    pool.disconnect_all()
+    results.put(
+        ("done", {"finished": finished if done else None, "received": pool.received, "cpu": cpu})
+    )
+
+
+def _mqtt_reconnect(
+    port: int,
+    ids: Sequence[str],
+    per_car: int,
+    timeout_s: float,
+    server_pid: int,
+    procs: int,
+) -> dict[str, Any]:
+    """Reconnect every session at once from `procs` client processes; time until every
+    message arrived (the last process to get all of its share)."""
+    ctx = multiprocessing.get_context("fork")
+    go, results = ctx.Event(), ctx.Queue()
+    shares = [list(ids[i::procs]) for i in range(procs)]
+    workers = [
+        ctx.Process(
+            target=_drain_worker,
+            args=(port, share, len(share) * per_car, timeout_s, go, results),
+            daemon=True,
+        )
+        for share in shares
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in workers:
+            results.get(timeout=60)
+        server0 = cpu_seconds(server_pid)
+        started = time.perf_counter()
+        go.set()
+        reports = [results.get(timeout=timeout_s + 60)[1] for _ in workers]
+        elapsed = time.perf_counter() - started
+        server = _cpu_pct(server0, cpu_seconds(server_pid), elapsed)
+    finally:
+        for worker in workers:
+            worker.join(10)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    finishes = [r["finished"] for r in reports]
+    seconds = None if None in finishes else max(finishes) - started
+    busy = seconds or elapsed
+    return {
+        "seconds": None if seconds is None else round(seconds, 3),
+        "received": sum(r["received"] for r in reports),
+        "client_processes": procs,
+        "client_cpu_pct": round(100 * sum(r["cpu"] for r in reports) / busy, 1),
+        "server_cpu_pct": server,
+    }
+
+
+def _cpu_pct(before: float | None, after: float | None, elapsed: float) -> float | None:
+    if before is None or after is None or elapsed <= 0:
+        return None
+    return round(100 * (after - before) / elapsed, 1)
+
+
+def run_mosquitto(
+    workdir: Path, cars: int, per_car: int, loss_wait_s: float, procs: int
+) -> dict[str, Any]:
+    ids = [f"car-{i}" for i in range(cars)]
+    out: dict[str, Any] = {"system": "Mosquitto " + _mosquitto_version()}
+    broker = Mosquitto(workdir / "drain")
+    try:
+        broker.start()
+        out["acknowledged"] = _mqtt_setup(broker.port, ids, per_car)
+        out["drain"] = _mqtt_reconnect(broker.port, ids, per_car, 120, broker.pid, procs)
+    finally:
+        broker.stop()
+    broker = Mosquitto(workdir / "loss")
+    try:
+        broker.start()
+        out["acked_before_kill"] = _mqtt_setup(broker.port, ids, per_car)
+        broker.kill()  # right after the last PUBACK
+        broker.start()  # same config: same port, same persistence folder
+        out["after_kill"] = _mqtt_reconnect(
+            broker.port, ids, per_car, loss_wait_s, broker.pid, procs
+        )
+    finally:
+        broker.stop()
+    return out
+
+
+def _mosquitto_version() -> str:
+    proc = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, timeout=10)
+    first = (proc.stdout or proc.stderr).splitlines()[:1]
+    return first[0].split("version")[-1].strip() if first else "?"
+
+
+# -- this broker ----------------------------------------------------------------------------
+
+
+async def _ok(payload: bytes) -> bool:
+    return True
+
+
+async def _send_all(client: Any, ids: Sequence[str], per_car: int) -> set[str]:
+    """`per_car` climate commands to every car, SendCommands batches of 1000; the ids of
+    the accepted ones (acknowledged: the RPC answered)."""
+    from broker.client import build_request
+
+    requests = [
+        build_request(v, "climate", {"temperature_c": 20 + n}, ttl_s=3600)
+        for n in range(per_car)
+        for v in ids
+    ]
+    accepted: set[str] = set()
+    for start in range(0, len(requests), 1000):
+        reply = await client.send_commands(requests[start : start + 1000])
+        for item in reply.items:
+            if item.WhichOneof("outcome") == "accepted":
+                accepted.add(item.accepted.command.command_id)
+    return accepted
+
+
+async def _drain(
+    target: str,
+    client: Any,
+    ids: Sequence[str],
+    expected: set[str],
+    timeout_s: float,
+    server_pid: int,
+) -> dict[str, Any]:
+    """Connect every car at once; time until every expected command is SUCCEEDED."""
+    import grpc
+
+    from broker.v1 import types_pb2 as t
+    from broker.vehicle import VehicleAgent
+
+    succeeded: set[str] = set()
+    all_done = asyncio.Event()
+    if not expected:
+        all_done.set()
+
+    watch_errors: list[str] = []
+
+    async def watch(vehicle_ids: Sequence[str]) -> None:
+        try:
+            async for command in client.watch_commands(vehicle_ids=vehicle_ids):
+                if command.status == t.SUCCEEDED and command.command_id in expected:
+                    succeeded.add(command.command_id)
+                    if len(succeeded) >= len(expected):
+                        all_done.set()
+        except Exception as exc:  # e.g. the broker ended an overflowing watch
+            watch_errors.append(repr(exc))
+
+    # A watch stream holds up to 10,000 unread changes; each command makes ~3, so split
+    # the fleet over several streams that can never overflow.
+    per_watch = max(1, 2000 // max(1, len(expected) // max(1, len(ids))))
+    watchers = [
+        asyncio.create_task(watch(ids[start : start + per_watch]))
+        for start in range(0, len(ids), per_watch)
+    ]
+    await asyncio.sleep(0.5)  # the watches are registered before the first car connects
+    channels: list[Any] = []
+    agents: list[Any] = []
+    server0 = cpu_seconds(server_pid)
+    cpu0, started = time.process_time(), time.perf_counter()
+    for index, vehicle_id in enumerate(ids):
+        if index % CARS_PER_CHANNEL == 0:
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            channels.append(grpc.aio.insecure_channel(target, options=options))
+        agents.append(
+            VehicleAgent(
+                target,
+                vehicle_id,
+                channel=channels[-1],
+                handlers={"climate": _ok},
+                backoff_base_s=0.05,
+                backoff_cap_s=1.0,
+            )
+        )
+    tasks = [asyncio.create_task(agent.run()) for agent in agents]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_done.wait(), timeout_s)
+    elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu0
+    server = _cpu_pct(server0, cpu_seconds(server_pid), elapsed)
+    done = all_done.is_set()
+    for watcher in watchers:
+        watcher.cancel()
+    executed = [cid for agent in agents for cid in agent.executed]
+    for agent in agents:
+        await agent.stop()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*watchers, *tasks, return_exceptions=True)
+    for channel in channels:
+        await channel.close()
+    return {
+        "seconds": round(elapsed, 3) if done else None,
+        "succeeded": len(succeeded),
+        "executed": len(executed),
+        "executed_expected": len(set(executed) & expected),
+        "executed_twice": len(executed) - len(set(executed)),
+        "client_cpu_pct": round(100 * cpu / elapsed, 1),
+        "server_cpu_pct": server,
+        "watch_errors": watch_errors[:5],
+    }
+
+
+async def _stored(client: Any, ids: Sequence[str], expected: set[str]) -> int:
+    """How many of `expected` the broker holds (ListCommands per car)."""
+    found = 0
+    for start in range(0, len(ids), 100):
+        lists = await asyncio.gather(
+            *(client.list_commands(v, 100) for v in ids[start : start + 100])
+        )
+        found += sum(c.command_id in expected for commands in lists for c in commands)
+    return found
+
+
+async def run_broker(workdir: Path, cars: int, per_car: int, loss_wait_s: float) -> dict[str, Any]:
+    from broker.client import BrokerClient
+
+    ids = [f"car-{i}" for i in range(cars)]
+    out: dict[str, Any] = {"system": "this broker (fsync)"}
+    broker = BrokerProcess(workdir / "drain-data", workdir / "drain.log", env=UNTHROTTLED)
+    await broker.astart()
+    out["loop"], out["extensions"] = broker.loop, broker.extensions
+    try:
+        async with BrokerClient(broker.target, max_pushback_retries=3) as client:
+            accepted = await _send_all(client, ids, per_car)
+            out["acknowledged"] = len(accepted)
+            out["drain"] = await _drain(broker.target, client, ids, accepted, 120, broker.pid)
+    finally:
+        await broker.astop()
+    broker = BrokerProcess(workdir / "loss-data", workdir / "loss.log", env=UNTHROTTLED)
+    await broker.astart()
+    try:
+        async with BrokerClient(broker.target, max_pushback_retries=3) as client:
+            accepted = await _send_all(client, ids, per_car)
+        await broker.akill()  # right after the last acknowledged batch
+        out["acked_before_kill"] = len(accepted)
+        await broker.astart()  # same data folder, same port
+        async with BrokerClient(broker.target, max_pushback_retries=3) as client:
+            out["stored_after_restart"] = await _stored(client, ids, accepted)
+            out["after_kill"] = await _drain(
+                broker.target, client, ids, accepted, loss_wait_s, broker.pid
+            )
+    finally:
+        await broker.astop()
+    out["log_problems"] = broker.log_problems()[:10]
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def table(results: Sequence[dict[str, Any]], total: int) -> str:
+    lines = [
+        "| system | drain time s | delivered | drain CPU % client / server "
+        "| acknowledged before kill | recovered after kill -9 | lost |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        drain, after = r["drain"], r["after_kill"]
+        delivered = drain.get("received", drain.get("succeeded"))
+        recovered = after.get("received", after.get("succeeded"))
+        lost = r["acked_before_kill"] - recovered
+        lines.append(
+            f"| {r['system']} | {drain['seconds']} | {delivered}/{total} | "
+            f"{drain['client_cpu_pct']} / {drain['server_cpu_pct']} | "
+            f"{r['acked_before_kill']} | {recovered} | {lost} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.mosquitto", description=__doc__)
+    parser.add_argument("--cars", type=int, default=1000)
+    parser.add_argument("--per-car", type=int, default=10)
+    parser.add_argument("--loss-wait-s", type=float, default=10.0)
+    parser.add_argument(
+        "--mqtt-procs", type=int, default=1, help="MQTT client processes for the reconnects"
+    )
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    if shutil.which("mosquitto") is None:
+        print(f"mosquitto is not on PATH; install it with:\n  {INSTALL_MOSQUITTO}", file=sys.stderr)
+        return 2
+    _paho()
+    total = args.cars * args.per_car
+    with tempfile.TemporaryDirectory(prefix="mosquitto-vs-broker-") as tmp:
+        workdir = Path(tmp)
+        print(f"Mosquitto: {args.cars} sessions x {args.per_car} QoS1 messages ...", flush=True)
+        mosq = run_mosquitto(
+            workdir / "mosquitto", args.cars, args.per_car, args.loss_wait_s, args.mqtt_procs
+        )
+        print(f"this broker: {args.cars} cars x {args.per_car} commands ...", flush=True)
+        from broker.server import install_event_loop_policy
+
+        install_event_loop_policy()
+        ours = asyncio.run(
+            run_broker(workdir / "broker", args.cars, args.per_car, args.loss_wait_s)
+        )
+    results = [mosq, ours]
+    print()
+    print(table(results, total))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"cars": args.cars, "per_car": args.per_car, "results": results}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nfull figures: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
