@@ -16,6 +16,18 @@ from broker.vehicle import Handler, HandlerResult, SignalValue, VehicleAgent, si
 CARS_PER_CHANNEL = 500
 
 
+def shared_channels(
+    target: str, cars: int, per_channel: int = CARS_PER_CHANNEL
+) -> list[grpc.aio.Channel]:
+    """Channels for `cars` vehicle streams, `per_channel` multiplexed on each HTTP/2
+    connection (car `i` uses `channels[i // per_channel]`). Each gets its own subchannel,
+    so they really are separate connections."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    return [
+        grpc.aio.insecure_channel(target, options=options) for _ in range(-(-cars // per_channel))
+    ]
+
+
 class SimulatedCar:
     """A car's doors, engine, climate and charging, driven by commands."""
 
@@ -142,19 +154,14 @@ class SimulatedFleet:
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
+        self._channels = shared_channels(self.target, len(self._vehicle_ids))
         for index, vehicle_id in enumerate(self._vehicle_ids):
-            if index % CARS_PER_CHANNEL == 0:
-                self._channels.append(
-                    grpc.aio.insecure_channel(
-                        self.target, options=[("grpc.use_local_subchannel_pool", 1)]
-                    )
-                )
             token = issue_token(self._secret, vehicle=vehicle_id) if self._secret else None
             agent = VehicleAgent(
                 self.target,
                 vehicle_id,
                 token=token,
-                channel=self._channels[-1],
+                channel=self._channels[index // CARS_PER_CHANNEL],
                 firmware="sim",
                 obey_policy=self.obey_policy,
                 backoff_cap_s=self.backoff_cap_s,

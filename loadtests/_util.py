@@ -229,24 +229,21 @@ async def _stdin_closed() -> None:
 
 async def run_cars(target: str, count: int, prefix: str, connect_timeout_s: float) -> None:
     """Hold `count` vehicle streams that execute unlock/lock at once, until stdin closes."""
-    import grpc
 
+    from broker.simulator import shared_channels
     from broker.vehicle import VehicleAgent
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    channels: list[Any] = []
+    channels = shared_channels(target, count, CARS_PER_CHANNEL)
     agents: list[VehicleAgent] = []
     for index in range(count):
-        if index % CARS_PER_CHANNEL == 0:
-            options = [("grpc.use_local_subchannel_pool", 1)]
-            channels.append(grpc.aio.insecure_channel(target, options=options))
         agents.append(
             VehicleAgent(
                 target,
                 f"{prefix}{index}",
-                channel=channels[-1],
+                channel=channels[index // CARS_PER_CHANNEL],
                 firmware="bench",
                 handlers={"unlock": _succeed, "lock": _succeed},
                 backoff_base_s=0.05,

@@ -368,8 +368,8 @@ async def _drain(
     server_pid: int,
 ) -> dict[str, Any]:
     """Connect every car at once; time until every expected command is SUCCEEDED."""
-    import grpc
 
+    from broker.simulator import shared_channels
     from broker.v1 import types_pb2 as t
     from broker.vehicle import VehicleAgent
 
@@ -398,19 +398,16 @@ async def _drain(
         for start in range(0, len(ids), per_watch)
     ]
     await asyncio.sleep(0.5)  # the watches are registered before the first car connects
-    channels: list[Any] = []
     agents: list[Any] = []
     server0 = cpu_seconds(server_pid)
     cpu0, started = time.process_time(), time.perf_counter()
+    channels = shared_channels(target, len(ids), CARS_PER_CHANNEL)
     for index, vehicle_id in enumerate(ids):
-        if index % CARS_PER_CHANNEL == 0:
-            options = [("grpc.use_local_subchannel_pool", 1)]
-            channels.append(grpc.aio.insecure_channel(target, options=options))
         agents.append(
             VehicleAgent(
                 target,
                 vehicle_id,
-                channel=channels[-1],
+                channel=channels[index // CARS_PER_CHANNEL],
                 handlers={"climate": _ok},
                 backoff_base_s=0.05,
                 backoff_cap_s=1.0,
