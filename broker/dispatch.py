@@ -156,25 +156,31 @@ class Dispatcher:
             self._record(self._store.requeue(unacked, now_ms=now_ms()))
         return True
 
-    async def deliver(self, session: Session, frame: Any) -> Any | None:
-        """Record a command as on the wire, durably, *before* it is written to the car.
+    async def deliver(self, session: Session, frames: Sequence[Any]) -> set[str]:
+        """Record commands as on the wire, durably, *before* they are written to the car.
 
-        Returns the frame to write (with its attempt number), or None to drop it: the
-        command was canceled, superseded or expired meanwhile (the store decides, in order
-        with those writes), or the stream is closing — then the command stays in flight
-        and disconnect()/connect() hand it to the next stream.
+        `frames` are the CommandFrames waiting in the session's outbox, recorded in one
+        write; each gets its attempt number. Returns the ids of those to write; a frame
+        left out is dropped: the command was canceled, superseded or expired meanwhile
+        (the store decides, in order with those writes), or the stream is closing — then
+        the commands stay in flight and disconnect()/connect() hand them to the next stream.
         """
         if session.closed:
-            return None
-        timeout_ms = int(self._config.policy(frame.name).result_timeout_s * 1000)
-        write = self._store.mark_delivered([(frame.command_id, timeout_ms)], now_ms=now_ms())
+            return set()
+        policy = self._config.policy
+        deliveries = [
+            (frame.command_id, int(policy(frame.name).result_timeout_s * 1000)) for frame in frames
+        ]
+        write = self._store.mark_delivered(deliveries, now_ms=now_ms())
         self._record(write)
-        changed = await asyncio.shield(write)
-        if not changed:
-            self._not_sent(session, frame.command_id)
-            return None
-        frame.attempt = changed[0].attempt
-        return frame
+        attempts = {command.command_id: command.attempt for command in await asyncio.shield(write)}
+        for frame in frames:
+            attempt = attempts.get(frame.command_id)
+            if attempt is None:
+                self._not_sent(session, frame.command_id)
+            else:
+                frame.attempt = attempt
+        return set(attempts)
 
     def _not_sent(self, session: Session, command_id: str) -> None:
         """The store refused to put a command on the wire: free its window slot."""

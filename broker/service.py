@@ -419,14 +419,21 @@ class Servicer:
             session.send(telemetry_control(policy))
 
     async def _write_frames(self, context: Context, session: Session) -> None:
+        outbox = session.outbox
         while True:
-            frame = await session.outbox.get()
-            if frame is CLOSE:
-                return
-            is_command = frame.HasField("command")
-            if is_command and await self._dispatcher.deliver(session, frame.command) is None:
-                continue  # canceled, superseded or expired meanwhile, or the stream is closing
-            await context.write(frame)
+            frames = [await outbox.get()]
+            while not outbox.empty() and len(frames) < OUTBOX_BATCH:
+                frames.append(outbox.get_nowait())
+            # The commands among them are recorded as delivered in one durable write; every
+            # frame keeps its place in the stream's order.
+            commands = [f.command for f in frames if f is not CLOSE and f.HasField("command")]
+            sendable = await self._dispatcher.deliver(session, commands) if commands else ()
+            for frame in frames:
+                if frame is CLOSE:
+                    return
+                if frame.HasField("command") and frame.command.command_id not in sendable:
+                    continue  # canceled, superseded or expired meanwhile, or stream closing
+                await context.write(frame)
 
     async def _read_frames(self, context: Context, session: Session) -> None:
         vehicle_id = session.vehicle_id
@@ -482,6 +489,8 @@ class Servicer:
 
 
 SHED_READ_PAUSE_S = 0.1
+#: at most this many queued frames are taken (and their deliveries recorded) at once
+OUTBOX_BATCH = 64
 #: first byte of a serialized VehicleFrame holding `telemetry` (field 4) or `state` (field 5)
 TELEMETRY_TAGS = (b"\x22", b"\x2a")
 

@@ -5,8 +5,11 @@
     await agent.run()   # holds the stream, reconnecting with backoff, until stop()
 
 A handler takes the payload bytes and returns True/False, or `(success, message, detail)`.
-The agent acks each command on receipt, never executes one after its `expires_at`, and
-executes each command id at most once: a re-sent id gets its first result repeated.
+The agent never executes a command after its `expires_at`, and executes each command id
+at most once: a re-sent id gets its first result repeated. It acks a command (CommandAck:
+"received, working on it") only if its result is not ready within `ack_delay_s`; a quick
+command is answered by its result alone, which tells the broker the same and more, so the
+common case costs one frame and one durable write instead of two.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ Handler = Callable[[bytes], Awaitable[HandlerResult]]
 SignalValue = float | int | str | bool
 RESEND_WINDOW_S = 120.0
 RESEND_MAX = 32
+#: A command whose result is not ready this soon is acked first (see the module docstring).
+ACK_DELAY_S = 0.05
 
 
 def to_value(value: SignalValue) -> Any:
@@ -70,8 +75,11 @@ class VehicleAgent:
         remember_results: int = 1024,
         obey_policy: bool = True,
         compression: grpc.Compression | None = None,
+        ack_delay_s: float = ACK_DELAY_S,
     ) -> None:
-        """`compression`: per-call message compression for this car's stream (e.g.
+        """`ack_delay_s`: 0 acks every command on receipt.
+
+        `compression`: per-call message compression for this car's stream (e.g.
         `grpc.Compression.Gzip` on a metered cellular link; off by default because on a
         fast link the CPU, not the bandwidth, is the limit — see loadtests/compression.py).
         """
@@ -87,6 +95,7 @@ class VehicleAgent:
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
         self._remember_max = remember_results
+        self._ack_delay_s = ack_delay_s
         #: command_id -> the future of its result frame: a re-sent id is never executed
         #: twice, whether its first run finished or is still going (dedup).
         self._results: OrderedDict[str, asyncio.Future[Any]] = OrderedDict()
@@ -269,8 +278,15 @@ class VehicleAgent:
 
     async def _on_command(self, call: Any, command: Any) -> None:
         command_id = command.command_id
+        ack = link.VehicleFrame(ack=link.CommandAck(command_id=command_id))
+        if self._ack_delay_s <= 0:
+            acking = None
+            await self._write(call, ack)
+        else:
+            acking = asyncio.get_running_loop().call_later(
+                self._ack_delay_s, lambda: self._spawn(self._send_ack(call, ack))
+            )
         try:
-            await self._write(call, link.VehicleFrame(ack=link.CommandAck(command_id=command_id)))
             result = self._results.get(command_id)
             if result is None:
                 result = asyncio.get_running_loop().create_future()
@@ -286,10 +302,22 @@ class VehicleAgent:
                     result.cancel()
                     raise
                 self._finished_at[command_id] = time.monotonic()
-            await self._write(call, link.VehicleFrame(result=await asyncio.shield(result)))
+            outcome = await asyncio.shield(result)
+            if acking is not None:
+                acking.cancel()  # a no-op if the ack went (it is then ahead in the write lock)
+            await self._write(call, link.VehicleFrame(result=outcome))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
             # The stream broke; the result is kept and re-sent after the next Welcome.
             logger.debug("vehicle %s could not answer %s: %r", self.vehicle_id, command_id, exc)
+        finally:
+            if acking is not None:
+                acking.cancel()
+
+    async def _send_ack(self, call: Any, ack: Any) -> None:
+        try:
+            await self._write(call, ack)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            return  # the stream broke; the command is re-sent or its result repeated later
 
     async def _resend_recent_results(self, call: Any) -> None:
         """After a reconnect, repeat results that may not have reached the broker.

@@ -391,7 +391,8 @@ def test_watch_streams_status_changes(dev: str) -> None:
                 seen.append(event["status"])
     finally:
         watcher.stop()
-    assert seen[-3:] == ["DELIVERED", "ACKED", "SUCCEEDED"]
+    # A simulated car answers at once, so its result is its ack (no separate ACKED).
+    assert seen[-2:] == ["DELIVERED", "SUCCEEDED"]
 
 
 def test_state_tells_connected_from_last_seen(dev: str) -> None:

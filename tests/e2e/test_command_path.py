@@ -256,6 +256,40 @@ async def test_watch_commands_streams_every_status(running: Running, online: Any
     assert t.DELIVERED in seen or t.ACKED in seen
 
 
+async def test_car_acks_only_commands_whose_result_is_not_ready_at_once(
+    running: Running, online: Any
+) -> None:
+    """A quick command's result is its ack (one frame, one write); a slow one is ACKED first."""
+    client = running.client()
+    release = asyncio.Event()
+
+    async def slow(payload: bytes) -> bool:
+        await release.wait()
+        return True
+
+    await online("car-16", handlers={"unlock": _ok, "climate": slow}, ack_delay_s=0.05)
+    seen: dict[str, list[int]] = {}
+
+    async def watch() -> None:
+        async for command in client.watch_commands(vehicle_ids=["car-16"]):
+            seen.setdefault(command.command_id, []).append(command.status)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.1)
+    quick = await client.send_command("car-16", "unlock", wait="result", timeout_s=5)
+    slow_sent = await client.send_command("car-16", "climate")
+    acked = await _status_of(running, slow_sent.command.command_id, t.ACKED)
+    release.set()
+    done = await _status_of(running, slow_sent.command.command_id, t.SUCCEEDED)
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+    assert quick.command.status == t.SUCCEEDED
+    assert t.ACKED not in seen[quick.command.command_id]
+    assert seen[quick.command.command_id][-2:] == [t.DELIVERED, t.SUCCEEDED]
+    assert acked.status == t.ACKED and done.status == t.SUCCEEDED
+    assert seen[slow_sent.command.command_id][-3:] == [t.DELIVERED, t.ACKED, t.SUCCEEDED]
+
+
 async def test_vehicle_state_is_never_stale_as_current(running: Running, online: Any) -> None:
     agent = await online("car-13")
     await agent.report_state({"locked": True, "lat": 48.1})
