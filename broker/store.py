@@ -23,9 +23,8 @@ import asyncio
 import fcntl
 import os
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import lmdb
 
@@ -46,8 +45,7 @@ NOT_YET_SENT = frozenset({t.ACCEPTED, t.QUEUED})
 _SEQ_KEY = b"seq"
 
 
-@dataclass(frozen=True)
-class NewCommand:
+class NewCommand(NamedTuple):
     """A validated request to enqueue one command (policy already applied)."""
 
     vehicle_id: str
@@ -60,8 +58,7 @@ class NewCommand:
     coalesce_key: str = ""
 
 
-@dataclass(frozen=True)
-class Created:
+class Created(NamedTuple):
     command: Any  # t.Command
     deduplicated: bool
     superseded: tuple[Any, ...]  # older commands this one coalesced away
