@@ -1,8 +1,10 @@
 """Dispatch: per-vehicle queues (priority, then FIFO), an in-flight window, and timers.
 
-The store is the truth; this module keeps in memory only what it needs to route:
-every non-terminal command by vehicle. It knows nothing about gRPC: a car is a
-`Session` with an outbox, a service call is a method call.
+The store is the truth; this module keeps in memory only what it needs to route: the
+non-terminal commands of the cars that are connected. A parked car's commands stay on
+disk until it connects; its queue is then loaded from the store's `pending` index (the
+loads of cars connecting together share one store operation). It knows nothing about
+gRPC: a car is a `Session` with an outbox, a service call is a method call.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from broker.clock import now_ms
 from broker.config import Config
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 from broker.events import EventHub
 from broker.sessions import Session, SessionRegistry
 from broker.store import TERMINAL, Created, NewCommand, Store
@@ -28,12 +30,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _VehicleQueue:
+    """A connected car's commands. Exists while the car is connected and has any (or its
+    queue is still loading); an empty queue of a connected car is dropped."""
+
     #: (-lane, seq, command_id): highest lane first, FIFO within a lane.
     heap: list[tuple[int, int, str]] = field(default_factory=list)
     #: Every non-terminal command of this vehicle, by id (latest known record).
     commands: dict[str, Any] = field(default_factory=dict)
     #: Sent on the current stream (or acked on any), awaiting a result.
     in_flight: set[str] = field(default_factory=set)
+    #: The store has not answered `load_pending` yet: nothing is sent meanwhile.
+    loading: bool = False
+    #: What the car said it already has (Hello.recent_command_ids), used once loaded.
+    recent_command_ids: Collection[str] = ()
 
     def push(self, command: Any) -> None:
         heapq.heappush(self.heap, (-command.lane, command.seq, command.command_id))
@@ -50,23 +59,26 @@ class Dispatcher:
         self._events = events
         self._config = config
         self._queues: dict[str, _VehicleQueue] = {}
-        #: non-terminal commands held (the durable queue's depth), for metrics and budgets
-        self.pending_total = 0
+        self._to_load: dict[str, _VehicleQueue] = {}
+
+    @property
+    def queues_in_memory(self) -> int:
+        """Cars whose queue is in memory: connected ones with pending commands."""
+        return len(self._queues)
+
+    @property
+    def pending_total(self) -> int:
+        """Non-terminal commands on disk (the durable queue's depth), for metrics and budgets."""
+        return self._store.pending
 
     # -- services ------------------------------------------------------------------------
 
     async def recover(self) -> int:
-        """Load every non-terminal command from the store (call once, before serving)."""
-        pending = await self._store.recover(now_ms=now_ms())
-        for command in pending:
-            queue = self._queues.setdefault(command.vehicle_id, _VehicleQueue())
-            queue.commands[command.command_id] = command
-            self.pending_total += 1
-            if command.status == t.ACKED:
-                queue.in_flight.add(command.command_id)
-            else:
-                queue.push(command)
-        return len(pending)
+        """Requeue what was on the wire at the last stop; returns the commands pending.
+
+        Call once, before serving. Nothing is loaded: cars get theirs when they connect.
+        """
+        return await self._store.recover(now_ms=now_ms())
 
     async def submit(self, items: Sequence[NewCommand]) -> list[Created | BrokerError]:
         """Durably enqueue commands, then dispatch those whose car is online.
@@ -89,12 +101,17 @@ class Dispatcher:
             for older in result.superseded:
                 self._apply(older)
             command = result.command
-            queue = self._queues.setdefault(command.vehicle_id, _VehicleQueue())
-            queue.commands[command.command_id] = command
-            self.pending_total += 1
-            queue.push(command)
             self._events.publish(command)
-            touched.add(command.vehicle_id)
+            vehicle_id = command.vehicle_id
+            queue = self._queues.get(vehicle_id)
+            if queue is None:
+                if vehicle_id not in self._sessions:
+                    continue  # parked: it stays on disk until the car connects
+                # Connected, loaded, and had nothing pending (its empty queue was dropped).
+                queue = self._queues[vehicle_id] = _VehicleQueue()
+            queue.commands[command.command_id] = command
+            queue.push(command)
+            touched.add(vehicle_id)
         for vehicle_id in touched:
             self._pump(vehicle_id)
 
@@ -113,9 +130,53 @@ class Dispatcher:
     def connect(self, session: Session, recent_command_ids: Collection[str] = ()) -> None:
         """A car's stream is up: replace any older one and start sending its queue."""
         self._sessions.attach(session)
-        queue = self._queues.get(session.vehicle_id)
-        if queue is None:
-            return
+        vehicle_id = session.vehicle_id
+        queue = self._queues.get(vehicle_id)
+        if queue is None:  # not in memory: ask the store (batched with other connects)
+            queue = self._queues[vehicle_id] = _VehicleQueue(loading=True)
+            queue.recent_command_ids = recent_command_ids
+            if not self._to_load:
+                asyncio.get_running_loop().call_soon(self._load_queued)
+            self._to_load[vehicle_id] = queue
+        elif queue.loading:
+            queue.recent_command_ids = recent_command_ids
+        else:  # a stream replaced another: memory is current
+            self._resume(vehicle_id, queue, recent_command_ids)
+
+    def _load_queued(self) -> None:
+        batch, self._to_load = self._to_load, {}
+        write = self._store.load_pending(list(batch))
+
+        def loaded(future: asyncio.Future[dict[str, list[Any]]]) -> None:
+            failed = future.cancelled() or future.exception() is not None
+            if failed:
+                logger.error("loading queued commands failed: %s", future.exception())
+            for vehicle_id, queue in batch.items():
+                if self._queues.get(vehicle_id) is not queue:
+                    continue  # disconnected meanwhile: a later connect loads again
+                queue.loading = False
+                if failed:
+                    session = self._sessions.get(vehicle_id)
+                    if session is not None:
+                        session.close(Unavailable("could not load this car's queue; reconnect"))
+                    continue
+                for command in future.result().get(vehicle_id, ()):
+                    # Changes committed after the load were applied to `queue` already.
+                    if command.command_id not in queue.commands:
+                        queue.commands[command.command_id] = command
+                        if command.status == t.ACKED:
+                            queue.in_flight.add(command.command_id)
+                        else:
+                            queue.push(command)
+                self._resume(vehicle_id, queue, queue.recent_command_ids)
+                queue.recent_command_ids = ()
+
+        write.add_done_callback(loaded)
+
+    def _resume(
+        self, vehicle_id: str, queue: _VehicleQueue, recent_command_ids: Collection[str]
+    ) -> None:
+        """Start sending a (re)connected car's loaded queue."""
         # Sent-but-unacked commands go again on this stream (attempt+1), except those
         # the car says it already has: it repeats their results itself.
         for command_id in list(queue.in_flight):
@@ -132,26 +193,30 @@ class Dispatcher:
         for command_id in already_have:
             queue.in_flight.add(command_id)
             self._record(self._store.mark_acked(command_id, now_ms=now_ms()))
-        self._pump(session.vehicle_id)
+        if not queue.commands:
+            del self._queues[vehicle_id]
+            return
+        self._pump(vehicle_id)
 
     def disconnect(self, session: Session) -> bool:
-        """A stream ended; if it was the car's live one, its unacked commands wait again.
+        """A stream ended; if it was the car's live one, its unacked commands wait again
+        (on disk: the car's queue leaves memory until it connects again).
 
         Returns whether the car is now without any stream (False when a newer stream
         replaced this one).
         """
         if not self._sessions.detach(session):
             return session.vehicle_id not in self._sessions
-        queue = self._queues.get(session.vehicle_id)
+        queue = self._queues.pop(session.vehicle_id, None)
+        self._to_load.pop(session.vehicle_id, None)
         if queue is None:
             return True
-        unacked = [cid for cid, c in queue.commands.items() if c.status == t.ACCEPTED]
-        for command_id in list(queue.in_flight):
-            command = queue.commands.get(command_id)
-            if command is not None and command.status != t.ACKED:
-                queue.in_flight.discard(command_id)
-                queue.push(command)
-                unacked.append(command_id)
+        unacked = [
+            cid
+            for cid, c in queue.commands.items()
+            if c.status in (t.ACCEPTED, t.DELIVERED)
+            or (cid in queue.in_flight and c.status != t.ACKED)
+        ]
         if unacked:
             self._record(self._store.requeue(unacked, now_ms=now_ms()))
         return True
@@ -241,7 +306,7 @@ class Dispatcher:
     def _pump(self, vehicle_id: str) -> None:
         session = self._sessions.get(vehicle_id)
         queue = self._queues.get(vehicle_id)
-        if session is None or queue is None:
+        if session is None or queue is None or queue.loading:
             return
         window = self._config.window
         now = now_ms()
@@ -273,11 +338,10 @@ class Dispatcher:
         if queue is None:
             return
         if command.status in TERMINAL:
-            if queue.commands.pop(command.command_id, None) is not None:
-                self.pending_total -= 1
+            queue.commands.pop(command.command_id, None)
             freed = command.command_id in queue.in_flight
             queue.in_flight.discard(command.command_id)
-            if not queue.commands:
+            if not queue.commands and not queue.loading:
                 del self._queues[command.vehicle_id]
             elif freed:
                 self._pump(command.vehicle_id)

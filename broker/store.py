@@ -10,11 +10,16 @@ Databases (all keys sort bytewise):
 - `timers`     at_ms command_id -> ""                     (every command's next deadline)
 - `idem`       scope 0x00 idempotency_key -> command_id (scope: the calling principal)
 - `coalesce`   vehicle_id 0x00 coalesce_key -> command_id (the newest holder of the key)
+- `pending`    vehicle_id 0x00 (255-lane) seq -> command_id (non-terminal commands only,
+               in dispatch order: what a car gets when it connects)
 - `states`     vehicle_id -> VehicleState (last known fields)
-- `meta`       b"seq" -> last sequence number
+- `meta`       b"seq" -> last sequence number; b"schema" -> layout version
 
 Each command has exactly one timer, derived from its record (`_timer_at`): its expiry
 while never delivered, its result deadline once delivered, its purge time once terminal.
+
+Nothing here keeps commands in memory: a parked car's queue lives only on disk until the
+car connects (`load_pending`), so millions of queued commands cost disk, not RAM.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ from broker_ext import codec
 TERMINAL = frozenset({t.SUCCEEDED, t.FAILED, t.EXPIRED, t.CANCELED, t.SUPERSEDED, t.UNKNOWN})
 NOT_YET_SENT = frozenset({t.ACCEPTED, t.QUEUED})
 _SEQ_KEY = b"seq"
+_SCHEMA_KEY = b"schema"
+#: 2: the `pending` index exists (a folder written before it gets it built on open)
+_SCHEMA = 2
 
 
 class NewCommand(NamedTuple):
@@ -92,6 +100,10 @@ def _lock_folder(path: Path) -> IO[bytes]:
     return lock_file
 
 
+def _pending_key(command: Any) -> bytes:
+    return codec.pending_key(command.vehicle_id, command.lane, command.seq)
+
+
 def _idem_key(scope: str, key: str) -> bytes:
     return scope.encode() + b"\x00" + key.encode()
 
@@ -139,7 +151,12 @@ class Store:
             self._coalesce = open_db(b"coalesce", txn=txn)
             self._states = open_db(b"states", txn=txn)
             self._meta = open_db(b"meta", txn=txn)
+            self._pending = open_db(b"pending", txn=txn)
             raw_seq = txn.get(_SEQ_KEY, db=self._meta)
+            if txn.get(_SCHEMA_KEY, db=self._meta) is None:
+                self._build_pending_index(txn)
+                txn.put(_SCHEMA_KEY, _SCHEMA.to_bytes(2, "big"), db=self._meta)
+            self._pending_count = int(txn.stat(self._pending)["entries"])
         self._seq = int.from_bytes(raw_seq, "big") if raw_seq else 0
         self._retention_ms = retention_ms
         self._idempotency_window_ms = idempotency_window_ms
@@ -148,11 +165,29 @@ class Store:
             group_max=group_max,
             map_size_max=map_size_max,
             relaxed_sync_interval_s=None if fsync else 1.0,
+            after_commit=self._count_pending,
         )
 
     @property
     def writer(self) -> Writer:
         return self._writer
+
+    @property
+    def pending(self) -> int:
+        """Non-terminal commands on disk (the durable queue's depth), as of the last commit."""
+        return self._pending_count
+
+    def _count_pending(self) -> None:
+        # On the writer thread after each commit: O(1), LMDB keeps the count.
+        with self._env.begin(db=self._pending) as txn:
+            self._pending_count = int(txn.stat(self._pending)["entries"])
+
+    def _build_pending_index(self, txn: Any) -> None:
+        """Schema 1 -> 2: index every non-terminal command (once, on the first open)."""
+        for _, blob in txn.cursor(db=self._commands):
+            command = t.Command.FromString(blob)
+            if command.status not in TERMINAL:
+                txn.put(_pending_key(command), command.command_id.encode(), db=self._pending)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._writer.start(loop)
@@ -243,10 +278,10 @@ class Store:
                 command.command_id.encode(),
                 db=self._idem,
             )
+        command_id = command.command_id.encode()
+        txn.put(codec.vehicle_key(item.vehicle_id, command.seq), command_id, db=self._by_vehicle)
         txn.put(
-            codec.vehicle_key(item.vehicle_id, command.seq),
-            command.command_id.encode(),
-            db=self._by_vehicle,
+            codec.pending_key(item.vehicle_id, item.lane, command.seq), command_id, db=self._pending
         )
         self._save(txn, command)
         txn.put(codec.timer_key(self._timer_at(command), command.command_id), b"", db=self._timers)
@@ -403,24 +438,42 @@ class Store:
 
         return self._writer.submit(op)
 
-    def recover(self, *, now_ms: int) -> asyncio.Future[list[Any]]:
-        """Every non-terminal command, for the dispatcher after a start.
+    def recover(self, *, now_ms: int) -> asyncio.Future[int]:
+        """After a start: anything that was on the wire is QUEUED again (sessions did not
+        survive the restart). Returns how many commands are pending; nothing is loaded
+        into memory (cars get theirs from `load_pending` when they connect)."""
 
-        Sessions did not survive the restart, so anything on the wire is QUEUED again.
-        """
-
-        def op(txn: Any) -> list[Any]:
-            pending = []
-            with txn.cursor(db=self._timers) as cursor:
-                ids = [codec.split_timer_key(k)[1] for k in cursor.iternext(values=False)]
+        def op(txn: Any) -> int:
+            with txn.cursor(db=self._pending) as cursor:
+                ids = [value.decode() for value in cursor.iternext(keys=False, values=True)]
             for command_id in ids:
                 command = self._load(txn, command_id)
-                if command is None or command.status in TERMINAL:
-                    continue
-                if command.status in (t.ACCEPTED, t.DELIVERED):
+                if command is not None and command.status in (t.ACCEPTED, t.DELIVERED):
                     self._update(txn, command, t.QUEUED, now_ms)
-                pending.append(command)
-            return pending
+            return len(ids)
+
+        return self._writer.submit(op)
+
+    def load_pending(self, vehicle_ids: Sequence[str]) -> asyncio.Future[dict[str, list[Any]]]:
+        """Each vehicle's non-terminal commands, in dispatch order (lane, then FIFO)."""
+
+        def op(txn: Any) -> dict[str, list[Any]]:
+            out: dict[str, list[Any]] = {}
+            with txn.cursor(db=self._pending) as cursor:
+                for vehicle_id in vehicle_ids:
+                    prefix = codec.vehicle_prefix(vehicle_id)
+                    commands = []
+                    positioned = cursor.set_range(prefix)
+                    while positioned:
+                        key, value = cursor.item()
+                        if not key.startswith(prefix):
+                            break
+                        command = self._load(txn, value.decode())
+                        if command is not None:
+                            commands.append(command)
+                        positioned = cursor.next()
+                    out[vehicle_id] = commands
+            return out
 
         return self._writer.submit(op)
 
@@ -491,10 +544,13 @@ class Store:
     def _update(self, txn: Any, command: Any, status: int, now_ms: int, **fields: Any) -> None:
         """Move `command` to `status` (in place), keeping its timer in step."""
         old_timer = codec.timer_key(self._timer_at(command), command.command_id)
+        was_pending = command.status not in TERMINAL
         command.status = status
         command.updated_at_ms = now_ms
         for name, value in fields.items():
             setattr(command, name, value)
+        if status in TERMINAL and was_pending:
+            txn.delete(_pending_key(command), db=self._pending)
         new_timer = codec.timer_key(self._timer_at(command), command.command_id)
         if new_timer != old_timer:
             txn.delete(old_timer, db=self._timers)

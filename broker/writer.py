@@ -46,8 +46,11 @@ class Writer:
         group_max: int,
         map_size_max: int,
         relaxed_sync_interval_s: float | None,
+        after_commit: Callable[[], None] | None = None,
     ) -> None:
+        """`after_commit` runs on this thread after every successful commit."""
         self._env = env
+        self._after_commit = after_commit
         self._group_max = group_max
         self._map_size_max = map_size_max
         self._relaxed_sync_interval_s = relaxed_sync_interval_s
@@ -184,6 +187,8 @@ class Writer:
         except BaseException:
             txn.abort()
             raise
+        if self._after_commit is not None:
+            self._after_commit()
         return outcomes
 
     def _commit_alone(self, job: _Job[Any]) -> tuple[bool, Any]:

@@ -34,6 +34,15 @@ def vehicle_key(str vehicle_id, seq):
     return vehicle_id.encode() + _SEP + _u64(seq, "seq")
 
 
+def pending_key(str vehicle_id, lane, seq):
+    """Key of a non-terminal command in its vehicle's dispatch order."""
+    lane = PyNumber_Index(lane)
+    if lane < 0 or lane > 255:
+        raise ValueError(f"lane out of range: {lane}")
+    cdef bytes tail = _u64(seq, "seq")
+    return vehicle_id.encode() + _SEP + bytes((255 - lane,)) + tail
+
+
 def timer_key(at_ms, str command_id):
     """Key of a command's next deadline (expiry or result timeout)."""
     return _u64(at_ms, "timer") + command_id.encode()

@@ -3,7 +3,9 @@
 Keys sort the way LMDB iterates them (bytewise), so:
 - vehicle keys `vehicle_id 0x00 seq(8 bytes big-endian)` list one car's commands in
   enqueue order under a common prefix;
-- timer keys `at_ms(8 bytes big-endian) command_id` list deadlines soonest first.
+- timer keys `at_ms(8 bytes big-endian) command_id` list deadlines soonest first;
+- pending keys `vehicle_id 0x00 (255 - lane) seq(8 bytes)` list one car's undelivered
+  work in dispatch order: highest lane first, FIFO within a lane.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ def vehicle_key(vehicle_id: str, seq: int) -> bytes:
     if not 0 <= seq <= _U64_MAX:
         raise ValueError(f"seq out of range: {seq}")
     return vehicle_id.encode() + _SEP + seq.to_bytes(8, "big")
+
+
+def pending_key(vehicle_id: str, lane: int, seq: int) -> bytes:
+    """Key of a non-terminal command in its vehicle's dispatch order."""
+    lane, seq = index(lane), index(seq)
+    if not 0 <= lane <= 255:
+        raise ValueError(f"lane out of range: {lane}")
+    if not 0 <= seq <= _U64_MAX:
+        raise ValueError(f"seq out of range: {seq}")
+    return vehicle_id.encode() + _SEP + bytes((255 - lane,)) + seq.to_bytes(8, "big")
 
 
 def timer_key(at_ms: int, command_id: str) -> bytes:

@@ -9,6 +9,7 @@ from broker_ext._compat import NO_EXTENSIONS, note_fallback
 if TYPE_CHECKING or NO_EXTENSIONS:
     from broker_ext._codec_py import (
         coalesce_key,
+        pending_key,
         split_timer_key,
         timer_key,
         vehicle_key,
@@ -20,6 +21,7 @@ else:
     try:
         from broker_ext._codec_c import (
             coalesce_key,
+        pending_key,
             split_timer_key,
             timer_key,
             vehicle_key,
@@ -30,6 +32,7 @@ else:
     except ImportError:
         from broker_ext._codec_py import (
             coalesce_key,
+        pending_key,
             split_timer_key,
             timer_key,
             vehicle_key,
@@ -42,6 +45,7 @@ else:
 __all__ = [
     "COMPILED",
     "coalesce_key",
+    "pending_key",
     "split_timer_key",
     "timer_key",
     "vehicle_key",

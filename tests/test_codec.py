@@ -15,7 +15,14 @@ from broker_ext._compat import extensions_summary
 
 NO_EXTENSIONS = bool(os.environ.get("BROKER_NO_EXTENSIONS"))
 U64_MAX = (1 << 64) - 1
-FUNCTIONS = ("coalesce_key", "split_timer_key", "timer_key", "vehicle_key", "vehicle_prefix")
+FUNCTIONS = (
+    "coalesce_key",
+    "pending_key",
+    "split_timer_key",
+    "timer_key",
+    "vehicle_key",
+    "vehicle_prefix",
+)
 
 
 def _load_c() -> ModuleType:
@@ -106,6 +113,22 @@ def test_vehicle_keys_sort_by_seq_under_their_prefix(twin: ModuleType) -> None:
     assert not twin.vehicle_prefix("car-10").startswith(prefix)
 
 
+def test_pending_keys_sort_by_lane_down_then_seq_under_their_prefix(twin: ModuleType) -> None:
+    assert twin.pending_key("car-1", 3, 1) == b"car-1\x00\xfc" + b"\x00" * 7 + b"\x01"
+    entries = [(1, 5), (3, 9), (2, 1), (3, 2), (1, 1), (2, U64_MAX), (0, 0)]
+    keys = sorted(twin.pending_key("car-1", lane, seq) for lane, seq in entries)
+    prefix = twin.vehicle_prefix("car-1")
+    assert all(k.startswith(prefix) for k in keys)
+    decoded = [(255 - k[len(prefix)], int.from_bytes(k[len(prefix) + 1 :], "big")) for k in keys]
+    assert decoded == sorted(entries, key=lambda e: (-e[0], e[1]))
+    with pytest.raises(ValueError, match="lane out of range"):
+        twin.pending_key("car-1", 256, 1)
+    with pytest.raises(ValueError, match="out of range"):
+        twin.pending_key("car-1", 1, -1)
+    with pytest.raises(TypeError):
+        twin.pending_key("car-1", 1.0, 1)
+
+
 @pytest.mark.parametrize("bad", [-1, -(1 << 70), 1 << 64, (1 << 64) + 1, 1 << 100])
 def test_out_of_range_integers_raise_value_error(twin: ModuleType, bad: int) -> None:
     with pytest.raises(ValueError, match="out of range"):
@@ -160,6 +183,8 @@ def test_twins_agree_on_random_inputs(
     assert c_twin.vehicle_prefix(vehicle_id) == py.vehicle_prefix(vehicle_id)
     assert c_twin.vehicle_key(vehicle_id, seq) == py.vehicle_key(vehicle_id, seq)
     assert c_twin.coalesce_key(vehicle_id, coalesce) == py.coalesce_key(vehicle_id, coalesce)
+    lane = seq % 256
+    assert c_twin.pending_key(vehicle_id, lane, seq) == py.pending_key(vehicle_id, lane, seq)
     key = py.timer_key(at_ms, command_id)
     assert c_twin.timer_key(at_ms, command_id) == key
     if command_id:

@@ -81,6 +81,8 @@ class Dump:
     by_vehicle: dict[bytes, str] = field(default_factory=dict)
     idem: dict[str, str] = field(default_factory=dict)
     coalesce: dict[bytes, str] = field(default_factory=dict)
+    pending: dict[bytes, str] = field(default_factory=dict)
+    pending_count: int = 0
 
 
 async def dump(store: Store) -> Dump:
@@ -96,6 +98,8 @@ async def dump(store: Store) -> Dump:
             k.decode().split("\x00", 1)[1]: v.decode() for k, v in txn.cursor(db=store._idem)
         }
         out.coalesce = {k: v.decode() for k, v in txn.cursor(db=store._coalesce)}
+        out.pending = {k: v.decode() for k, v in txn.cursor(db=store._pending)}
+        out.pending_count = store.pending
         return out
 
     return await store.writer.submit(op)
@@ -495,7 +499,10 @@ async def test_recover_after_reopen_returns_pending_commands(open_store: OpenSto
     last_seq = (await store.get(ids["expired"])).seq
 
     store = await open_store()
-    pending = {c.command_id: c for c in await store.recover(now_ms=T0 + 5_000)}
+    assert await store.recover(now_ms=T0 + 5_000) == store.pending == 6
+    loaded = await store.load_pending(["car-1", "car-2", "car-3"])
+    assert loaded["car-3"] == []
+    pending = {c.command_id: c for commands in loaded.values() for c in commands}
     expected_pending = ("queued", "accepted", "delivered", "acked", "requeued", "queued_offline")
     assert set(pending) == {ids[s] for s in expected_pending}
     assert {name: t.CommandStatus.Name(pending[ids[name]].status) for name in expected_pending} == {
@@ -518,7 +525,39 @@ async def test_recover_after_reopen_returns_pending_commands(open_store: OpenSto
 
 
 async def test_recover_on_an_empty_store(store: Store) -> None:
-    assert await store.recover(now_ms=T0) == []
+    assert await store.recover(now_ms=T0) == 0 == store.pending
+
+
+async def test_load_pending_gives_dispatch_order_and_nothing_terminal(store: Store) -> None:
+    bulk = await create_id(store, new(lane=t.BULK), now_ms=T0)
+    first = await create_id(store, new(lane=t.CRITICAL), now_ms=T0)
+    middle = await create_id(store, new(lane=t.INTERACTIVE), now_ms=T0)
+    second = await create_id(store, new(lane=t.CRITICAL), now_ms=T0)
+    done = await create_id(store, new(lane=t.CRITICAL), now_ms=T0)
+    other = await create_id(store, new("car-10"), now_ms=T0)
+    await store.cancel(done, now_ms=T0 + 1)
+    assert store.pending == 5
+    loaded = await store.load_pending(["car-1", "car-10"])
+    assert [c.command_id for c in loaded["car-1"]] == [first, second, middle, bulk]
+    assert [c.command_id for c in loaded["car-10"]] == [other]
+
+
+async def test_a_folder_from_before_the_pending_index_gets_it_on_open(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store()
+    queued = await create_id(store, new(), now_ms=T0)
+    finished = await create_id(store, new(), now_ms=T0)
+    await store.cancel(finished, now_ms=T0 + 1)
+
+    def downgrade(txn: Any) -> None:  # what a schema-1 folder looks like
+        txn.drop(store._pending, delete=False)
+        txn.delete(b"schema", db=store._meta)
+
+    await store.writer.submit(downgrade)
+    store = await open_store()
+    assert store.pending == 1
+    assert [c.command_id for c in (await store.load_pending(["car-1"]))["car-1"]] == [queued]
 
 
 # -- vehicle state -----------------------------------------------------------------------------
@@ -557,7 +596,7 @@ async def test_map_grows_under_many_writes(
         created += [r.command.command_id for r in results if isinstance(r, Created)]
     assert (tmp_path / "db" / "data.mdb").stat().st_size > 64 << 10
     assert any("grew map_size" in r.getMessage() for r in caplog.records)
-    assert len(await store.recover(now_ms=T0 + 100)) == len(created) == 1_000
+    assert await store.recover(now_ms=T0 + 100) == len(created) == 1_000
 
 
 async def test_store_full_refuses_clearly_and_keeps_what_it_accepted(
@@ -584,8 +623,9 @@ async def test_store_full_refuses_clearly_and_keeps_what_it_accepted(
     # Reads still work, and a refused write changed nothing.
     assert await status_of(store, accepted[-1]) == t.QUEUED
     store = await open_store(**sizes)
-    pending = await store.recover(now_ms=T0 + 10_000)
-    assert sorted(c.command_id for c in pending) == sorted(accepted)
+    assert await store.recover(now_ms=T0 + 10_000) == len(accepted)
+    loaded = await store.load_pending([f"car-{i}" for i in range(10)])
+    assert sorted(c.command_id for cs in loaded.values() for c in cs) == sorted(accepted)
     for cid in (accepted[0], accepted[-1]):
         assert await status_of(store, cid) == t.QUEUED
 
@@ -868,10 +908,12 @@ class StoreMachine(RuleBasedStateMachine):
     def reopen_and_recover(self) -> None:
         self.run(self.store.close())
         self.store = self._open()
-        pending = self.run(self.store.recover(now_ms=self.now))
+        count = self.run(self.store.recover(now_ms=self.now))
+        loaded = self.run(self.store.load_pending(VEHICLES))
+        pending = [c.command_id for commands in loaded.values() for c in commands]
         expected = {cid for cid, c in self.model.items() if c.status not in TERMINAL}
-        assert {c.command_id for c in pending} == expected
-        assert len(pending) == len(expected)
+        assert set(pending) == expected
+        assert count == len(pending) == len(expected)
         for command_id in expected:
             command = self.model[command_id]
             if command.status in (t.ACCEPTED, t.DELIVERED):
@@ -917,6 +959,13 @@ class StoreMachine(RuleBasedStateMachine):
             codec.vehicle_key(c.vehicle_id, c.seq): cid for cid, c in self.model.items()
         }
         assert state.idem == self.idem
+        # The pending index holds exactly the non-terminal commands, in dispatch order.
+        assert state.pending == {
+            codec.pending_key(c.vehicle_id, state.commands[cid].lane, c.seq): cid
+            for cid, c in self.model.items()
+            if c.status not in TERMINAL
+        }
+        assert state.pending_count == len(state.pending)
         assert state.coalesce == {
             codec.coalesce_key(vehicle_id, key): cid
             for (vehicle_id, key), cid in self.coalesce.items()

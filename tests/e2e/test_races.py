@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.client import BrokerRpcError
+from broker.client import BrokerRpcError, build_request
 from broker.clock import now_ms
 from broker.store import NewCommand
 from broker.v1 import types_pb2 as t
@@ -71,7 +71,7 @@ async def test_a_caller_cancelled_during_the_write_does_not_strand_its_command(
         await task
     await asyncio.sleep(0.2)
     (command,) = await running.client().list_commands("race-strand")
-    assert dispatcher.current("race-strand", command.command_id) is not None
+    assert dispatcher.pending_total == 1  # on disk, where a parked car's queue lives
     agent = await _agent(running, "race-strand", climate=lambda payload: _true())
     assert (await _settled(running, command.command_id)).status == t.SUCCEEDED
     assert agent.executed == [command.command_id]
@@ -172,3 +172,35 @@ async def test_the_car_keeps_reconnecting_when_its_call_dies_before_the_hello() 
     await agent.stop()
     runner.cancel()
     await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_parked_cars_hold_no_memory_and_connecting_ones_get_everything_once(
+    running: Running,
+) -> None:
+    """A parked car's queue lives on disk only; it is loaded when the car connects, and
+    commands sent while that load is under way are neither lost nor doubled."""
+    client = running.client()
+    dispatcher = running.broker.dispatcher
+    cars = [f"parked-{i}" for i in range(60)]
+    before = [build_request(v, "climate", {"n": n}) for n in range(2) for v in cars]
+    reply = await client.send_commands(before)
+    first_ids = [item.accepted.command.command_id for item in reply.items]
+    assert len(first_ids) == 120 and dispatcher.pending_total == 120
+    assert dispatcher.queues_in_memory == 0
+
+    agents = [running.agent(v, handlers={"climate": lambda payload: _true()}) for v in cars]
+    tasks = [asyncio.create_task(agent.run()) for agent in agents]
+    # One more command each while the cars connect (and their queues load).
+    during = await asyncio.gather(*(client.send_command(v, "climate", {"n": 2}) for v in cars))
+    ids = set(first_ids) | {r.command.command_id for r in during}
+    for command_id in ids:
+        assert (await _settled(running, command_id)).status == t.SUCCEEDED
+    runs = {agent.vehicle_id: agent.executed for agent in agents}
+    assert sorted(c for ran in runs.values() for c in ran) == sorted(ids)  # each exactly once
+    for vehicle_id, first, second in zip(cars, first_ids[:60], first_ids[60:], strict=True):
+        assert runs[vehicle_id].index(first) < runs[vehicle_id].index(second)  # FIFO
+    assert dispatcher.pending_total == 0
+    for agent in agents:
+        await agent.stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert dispatcher.queues_in_memory == 0
