@@ -359,6 +359,34 @@ class Servicer:
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged)")
 
     async def _connect(self, context: Context) -> None:
+        session = await self._handshake(context)
+        if session is None:
+            return
+        try:
+            reader = asyncio.create_task(self._read_frames(context, session))
+            try:
+                await self._write_frames(context, session)
+            finally:
+                reader.cancel()
+        finally:
+            await self._release(session)
+        if session.close_error is not None:
+            raise session.close_error
+
+    async def _release(self, session: Session) -> None:
+        vehicle_id = session.vehicle_id
+        if self._dispatcher.disconnect(session):  # no stream left for this car
+            leftover = self._guard.forget(vehicle_id)
+            if leftover:
+                self._states.report(vehicle_id, leftover, now_ms())
+        await self._states.detach(vehicle_id)
+
+    async def _handshake(self, context: Context) -> Session | None:
+        """Hello in, Welcome out, the car's queue on its way; None if the car hung up.
+
+        A function of its own so that what the handshake parsed and built is freed before
+        the stream settles down for hours (every byte here is multiplied by the fleet).
+        """
         metadata = context.invocation_metadata() or ()
         principal = self._principal(context, None)
         claimed = next((str(v) for k, v in metadata if k == VEHICLE_ID_HEADER), None)
@@ -370,7 +398,7 @@ class Servicer:
                 f"no Hello frame within {self._config.hello_timeout_s}s"
             ) from None
         if first is grpc.aio.EOF:
-            return
+            return None
         hello_frame = _parse(link.VehicleFrame, first)
         if hello_frame.WhichOneof("kind") != "hello":
             raise InvalidArgument("the first frame on a vehicle stream must be Hello")
@@ -388,20 +416,11 @@ class Servicer:
                 window=self._config.window,
             )
             await context.write(link.BrokerFrame(welcome=welcome))
-            self._dispatcher.connect(session, hello_frame.hello.recent_command_ids)
-            reader = asyncio.create_task(self._read_frames(context, session))
-            try:
-                await self._write_frames(context, session)
-            finally:
-                reader.cancel()
-        finally:
-            if self._dispatcher.disconnect(session):  # no stream left for this car
-                leftover = self._guard.forget(vehicle_id)
-                if leftover:
-                    self._states.report(vehicle_id, leftover, now_ms())
-            await self._states.detach(vehicle_id)
-        if session.close_error is not None:
-            raise session.close_error
+        except BaseException:
+            await self._release(session)
+            raise
+        self._dispatcher.connect(session, hello_frame.hello.recent_command_ids)
+        return session
 
     def _take_telemetry(self, session: Session, frame: Any, verdict: Verdict) -> None:
         """Apply an admitted telemetry/state batch now, or buffer it for the next flush."""
@@ -419,11 +438,8 @@ class Servicer:
             session.send(telemetry_control(policy))
 
     async def _write_frames(self, context: Context, session: Session) -> None:
-        outbox = session.outbox
         while True:
-            frames = [await outbox.get()]
-            while not outbox.empty() and len(frames) < OUTBOX_BATCH:
-                frames.append(outbox.get_nowait())
+            frames = await session.outbox.take(OUTBOX_BATCH)
             # The commands among them are recorded as delivered in one durable write; every
             # frame keeps its place in the stream's order.
             commands = [f.command for f in frames if f is not CLOSE and f.HasField("command")]

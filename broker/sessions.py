@@ -14,28 +14,71 @@ from broker.errors import BrokerError, Replaced, Unavailable
 CLOSE = object()
 
 
+class Outbox:
+    """A car's frames waiting to be written, for exactly one reader (its stream's writer).
+
+    Lighter than `asyncio.Queue` (~200 bytes against ~3.3 KB per connected car): a list
+    and, while the writer waits, one future.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self, limit: int) -> list[Any]:
+        """Wait for at least one item; return up to `limit` of them, oldest first."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        taken, self._items = self._items[:limit], self._items[limit:]
+        return taken
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class Session:
     """One car's live stream, as the dispatcher sees it: an outbox of frames."""
+
+    __slots__ = (
+        "close_error",
+        "closed",
+        "connected_since_ms",
+        "outbox",
+        "session_id",
+        "vehicle_id",
+    )
 
     def __init__(self, vehicle_id: str, *, now_ms: int) -> None:
         self.vehicle_id = vehicle_id
         self.session_id = os.urandom(8).hex()
         self.connected_since_ms = now_ms
-        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.outbox = Outbox()
         #: Why the stream ended; None for a clean end (the car hung up).
         self.close_error: BrokerError | None = None
         self.closed = False
 
     def send(self, frame: Any) -> None:
         if not self.closed:
-            self.outbox.put_nowait(frame)
+            self.outbox.put(frame)
 
     def close(self, error: BrokerError | None = None) -> None:
         if self.closed:
             return
         self.closed = True
         self.close_error = error
-        self.outbox.put_nowait(CLOSE)
+        self.outbox.put(CLOSE)
 
 
 class SessionRegistry:

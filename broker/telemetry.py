@@ -45,7 +45,7 @@ reader (before applying anything):
     policy = guard.policy_update(vehicle_id, now_s)
     if policy is not None:
         control = Control(telemetry_policy=TelemetryPolicy(**policy._asdict()))
-        outbox.put_nowait(BrokerFrame(control=control))
+        session.send(BrokerFrame(control=control))
 
 and elsewhere: `welcome_policy` for the Welcome frame, `take_coalesced` in the state flush loop,
 `sweep` every few seconds (restores cars that went quiet), `forget` when a stream ends.
