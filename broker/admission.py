@@ -32,8 +32,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -179,6 +178,28 @@ class Gradient2Limit:
         smoothed = self.estimated_limit * (1 - self.smoothing) + target * self.smoothing
         self.estimated_limit = min(self.max_limit, max(self.min_limit, smoothed))
         return self.limit
+
+
+class Slot:
+    """`async with admission.slot(lane):` (a class, not a generator: this is the hot path)."""
+
+    __slots__ = ("_admission", "_lane", "_ticket", "_vehicle_id")
+
+    def __init__(self, admission: Admission, lane: int, vehicle_id: str | None) -> None:
+        self._admission = admission
+        self._lane = lane
+        self._vehicle_id = vehicle_id
+        self._ticket: Ticket | None = None
+
+    async def __aenter__(self) -> Ticket:
+        self._ticket = await self._admission.acquire(self._lane, self._vehicle_id)
+        return self._ticket
+
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        assert self._ticket is not None
+        # Work cut short by cancellation would read as fast work: keep it out of the limit.
+        cancelled = kind is not None and issubclass(kind, asyncio.CancelledError)
+        self._ticket.release(record=not cancelled)
 
 
 class Ticket:
@@ -352,17 +373,9 @@ class Admission:
                     state.waiters.remove(waiter)
             raise
 
-    @asynccontextmanager
-    async def slot(self, lane: int, vehicle_id: str | None = None) -> AsyncIterator[Ticket]:
+    def slot(self, lane: int, vehicle_id: str | None = None) -> Slot:
         """`acquire` as a context manager: the slot is released however the block exits."""
-        ticket = await self.acquire(lane, vehicle_id)
-        try:
-            yield ticket
-        except asyncio.CancelledError:
-            ticket.release(record=False)
-            raise
-        finally:
-            ticket.release()
+        return Slot(self, lane, vehicle_id)
 
     def take_critical_quota(self, vehicle_id: str) -> None:
         """Take one token from `vehicle_id`'s critical bucket or raise VehicleQuotaExceeded.
@@ -461,6 +474,8 @@ class Admission:
         return None
 
     def _dispatch(self, now: float) -> None:
+        if not any(state.waiters for state in self._lanes.values()):
+            return  # nothing queued: nothing to admit, shed or time (acquire evaluates first)
         self._evaluate_queues(now)
         while (lane := self._next_lane()) is not None:
             waiter = self._lanes[lane].waiters.popleft()

@@ -17,8 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import lmdb
 
@@ -30,8 +29,7 @@ T = TypeVar("T")
 Op = Callable[[Any], T]  # runs with an open lmdb write transaction
 
 
-@dataclass
-class _Job(Generic[T]):
+class _Job(NamedTuple, Generic[T]):
     op: Op[T]
     future: asyncio.Future[T]
 
