@@ -42,8 +42,14 @@ class BrokerCollector(Collector):
         yield outcomes
         yield GaugeMetricFamily(
             "broker_durable_queue_depth",
-            "Non-terminal commands held (queued, in flight or awaiting a result)",
+            "Non-terminal commands on disk (queued, in flight or awaiting a result)",
             value=broker.dispatcher.pending_total,
+        )
+        yield GaugeMetricFamily(
+            "broker_durable_queue_in_memory_vehicles",
+            "Cars whose queue is held in memory (connected, with pending commands); a "
+            "parked car's queue stays on disk",
+            value=broker.dispatcher.queues_in_memory,
         )
         yield GaugeMetricFamily(
             "broker_vehicle_streams", "Live vehicle streams", value=len(broker.sessions)
