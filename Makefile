@@ -34,8 +34,10 @@ test: lint typecheck
 	$(PY) -m pytest -q
 	BROKER_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow"
 
+## The benchmark report (~5 min on 2 cores): bench-out/report.md, bench.json, latency.png,
+## throughput.png. `make bench BENCH_ARGS=--quick` for a ~1 min smoke run.
 bench: $(STAMP)
-	$(PY) -m loadtests.bench
+	$(PY) -m loadtests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info broker/v1 broker_ext/*.c broker_ext/*.so

@@ -21,7 +21,7 @@ else:
     try:
         from broker_ext._codec_c import (
             coalesce_key,
-        pending_key,
+            pending_key,
             split_timer_key,
             timer_key,
             vehicle_key,
@@ -32,7 +32,7 @@ else:
     except ImportError:
         from broker_ext._codec_py import (
             coalesce_key,
-        pending_key,
+            pending_key,
             split_timer_key,
             timer_key,
             vehicle_key,

@@ -1,4 +1,5 @@
-"""Helpers for `loadtests.bench`: the simulated-car process, CPU accounting, percentiles.
+"""Helpers for the load tools: child processes, the simulated-car process, CPU accounting,
+percentiles.
 
 Also the entry point of the simulated-car process the bench starts:
 
@@ -37,6 +38,15 @@ UNTHROTTLED = {
     "BROKER_NEW_STREAMS_PER_S": "1e6",
     "BROKER_NEW_STREAMS_BURST": "1e6",
 }
+#: ...and the telemetry guard opened wide, so every batch is applied (ingest cost, not the
+#: guard's shedding, is what gets measured).
+WIDE_OPEN = {
+    **UNTHROTTLED,
+    "BROKER_TELEMETRY_CAR_MSGS_PER_S": "1e9",
+    "BROKER_TELEMETRY_CAR_BYTES_PER_S": "1e12",
+    "BROKER_TELEMETRY_FLEET_MSGS_PER_S": "1e9",
+    "BROKER_TELEMETRY_FLEET_BYTES_PER_S": "1e12",
+}
 CARS_PER_CHANNEL = 250  # vehicle streams multiplexed on one HTTP/2 connection
 
 
@@ -63,6 +73,16 @@ def latency_ms(samples_s: Sequence[float]) -> dict[str, float | None]:
         "p99_ms": ms(percentile(ordered, 0.99)),
         "max_ms": ms(ordered[-1] if ordered else None),
     }
+
+
+def hdr_ms(samples_s: Sequence[float]) -> dict[str, Any]:
+    """Count and p50/p90/p99/p99.9/max of latencies in seconds, in milliseconds."""
+    ordered = sorted(samples_s)
+    out: dict[str, Any] = {"n": len(ordered)}
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0)):
+        value = percentile(ordered, q)
+        out[name] = None if value is None else round(value * 1000, 2)
+    return out
 
 
 def cpu_seconds(pid: int | None = None) -> float | None:
@@ -101,6 +121,32 @@ class CpuMeter:
         return out
 
 
+class Window:
+    """A warm-up, then the measured interval; CPU use is read over the measured part."""
+
+    def __init__(self, warmup_s: float, duration_s: float, cpu: CpuMeter) -> None:
+        now = time.perf_counter()
+        self.start = now + warmup_s
+        self.end = self.start + duration_s
+        self.duration_s = duration_s
+        self.cpu_percent: dict[str, float | None] = {}
+        self._cpu = cpu
+
+    def open(self) -> bool:
+        return time.perf_counter() < self.end
+
+    def measures(self, at: float) -> bool:
+        return self.start <= at < self.end
+
+    async def read_cpu(self) -> dict[str, float | None]:
+        """Sleep through the window, reading CPU use over its measured part (returned)."""
+        await asyncio.sleep(max(0.0, self.start - time.perf_counter()))
+        self._cpu.start()
+        await asyncio.sleep(max(0.0, self.end - time.perf_counter()))
+        self.cpu_percent = self._cpu.stop()
+        return self.cpu_percent
+
+
 # -- child processes ------------------------------------------------------------------------
 
 
@@ -126,17 +172,109 @@ async def _end_process(proc: asyncio.subprocess.Process, timeout_s: float) -> fl
     return time.perf_counter() - started
 
 
+class ChildProcess:
+    """`python -m MODULE ARGS` talked to by lines: it prints a ready line, takes commands on
+    stdin, answers on stdout, and ends when its stdin closes (SIGTERM, then SIGKILL, if it
+    lingers). Its stderr goes to `log_path`."""
+
+    def __init__(self, argv: Sequence[str], log_path: Path) -> None:
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def start(self, ready: str, timeout_s: float) -> str:
+        """Start it and wait for a stdout line beginning with `ready`, which is returned;
+        on anything else it is ended and RuntimeError carries its log tail."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        self.proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", *self.argv),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self._log,
+            cwd=PROJECT_ROOT,
+            limit=1 << 26,  # a result line carries every latency sample
+        )
+        line = await self.read_line(timeout_s)
+        if not line.startswith(ready):
+            await self.stop()
+            raise RuntimeError(
+                f"{self.argv[0]} {self.argv[1]} did not get ready (got {line[:200]!r}); "
+                f"log tail:\n{_tail(self.log_path)}"
+            )
+        return line
+
+    def send(self, line: str) -> None:
+        if self.proc is not None and self.proc.stdin is not None and self.proc.returncode is None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.proc.stdin.write(f"{line}\n".encode())
+
+    async def read_line(self, timeout_s: float) -> str:
+        """The next stdout line ("" at its end or after `timeout_s`)."""
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
+        except TimeoutError:
+            return ""
+        return raw.decode(errors="replace").strip()
+
+    async def read_json(self, timeout_s: float) -> dict[str, Any]:
+        """The next JSON object it prints, within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while line := await self.read_line(max(0.0, deadline - time.monotonic())):
+            if line.startswith("{"):
+                return dict(json.loads(line))
+        raise RuntimeError(
+            f"{self.argv[0]} {self.argv[1]} gave no result within {timeout_s:.0f} s; "
+            f"log tail:\n{_tail(self.log_path)}"
+        )
+
+    async def stop(self, timeout_s: float = 15.0) -> list[str]:
+        """Close its stdin, keep what it still prints (returned), end it if it lingers."""
+        proc, lines = self.proc, []
+        if proc is not None and proc.returncode is None:
+            assert proc.stdin is not None and proc.stdout is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            with contextlib.suppress(TimeoutError, ValueError):
+                rest = await asyncio.wait_for(proc.stdout.read(), timeout_s)
+                lines = rest.decode(errors="replace").splitlines()
+            await _end_process(proc, 5.0)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return lines
+
+
 class CarsProcess:
     """Simulated cars in their own process (`python -m loadtests._util cars`)."""
 
-    def __init__(self, target: str, count: int, prefix: str, log_path: Path) -> None:
-        self.target = target
+    def __init__(
+        self,
+        target: str,
+        count: int,
+        prefix: str,
+        log_path: Path,
+        *,
+        connect_timeout_s: float = 60.0,
+    ) -> None:
         self.count = count
         self.prefix = prefix
         self.log_path = log_path
-        self.proc: asyncio.subprocess.Process | None = None
+        self.connect_timeout_s = connect_timeout_s
         self.summary: dict[str, Any] = {}
-        self._log: IO[bytes] | None = None
+        self._child = ChildProcess(
+            [
+                *("loadtests._util", "cars", "--target", target, "--cars", str(count)),
+                *("--prefix", prefix, "--connect-timeout", str(connect_timeout_s)),
+            ],
+            log_path,
+        )
 
     @property
     def vehicle_ids(self) -> list[str]:
@@ -144,65 +282,21 @@ class CarsProcess:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+        return self._child.pid
 
     async def __aenter__(self) -> CarsProcess:
-        await self.start()
+        await self._child.start(CARS_READY, self.connect_timeout_s + 5)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start(self, timeout_s: float = 60.0) -> None:
-        self._log = self.log_path.open("wb")
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "loadtests._util",
-            "cars",
-            "--target",
-            self.target,
-            "--cars",
-            str(self.count),
-            "--prefix",
-            self.prefix,
-            "--connect-timeout",
-            str(timeout_s),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=self._log,
-            cwd=PROJECT_ROOT,
-        )
-        assert self.proc.stdout is not None
-        try:
-            line = (await asyncio.wait_for(self.proc.stdout.readline(), timeout_s + 5)).decode()
-        except TimeoutError:
-            line = ""
-        if not line.startswith(CARS_READY):
-            await self.stop()
-            raise RuntimeError(
-                f"simulated cars did not connect (got {line.strip()!r}); "
-                f"log tail:\n{_tail(self.log_path)}"
-            )
-
-    async def stop(self, timeout_s: float = 15.0) -> None:
+    async def stop(self) -> None:
         """Close stdin (the cars hang up and report), SIGTERM/SIGKILL if they linger."""
-        proc = self.proc
-        if proc is not None and proc.returncode is None:
-            assert proc.stdin is not None and proc.stdout is not None
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-            try:
-                rest = await asyncio.wait_for(proc.stdout.read(), timeout_s)
-                for line in rest.decode(errors="replace").splitlines():
-                    if line.startswith("{"):
-                        self.summary = json.loads(line)
-            except (TimeoutError, ValueError):
-                pass
-            await _end_process(proc, 5.0)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        for line in await self._child.stop():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    self.summary = json.loads(line)
 
 
 # -- the simulated-car process --------------------------------------------------------------
@@ -219,10 +313,16 @@ async def _succeed(payload: bytes) -> bool:
     return True
 
 
-async def _stdin_closed() -> None:
+async def stdin_reader() -> asyncio.StreamReader:
+    """This process's stdin as an asyncio stream (a child's command channel)."""
     reader = asyncio.StreamReader()
     loop = asyncio.get_running_loop()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def _stdin_closed() -> None:
+    reader = await stdin_reader()
     while await reader.read(65536):
         pass
 

@@ -1,40 +1,61 @@
-"""Command-path benchmark: what one broker process does on this machine, beside its ceiling.
+"""The benchmark report: every figure of the broker beside its ceiling, measured in one run.
 
-    python -m loadtests.bench            # `make bench`: a little over a minute
-    python -m loadtests.bench --quick    # ~20 s smoke run; --help for the knobs
+    python -m loadtests.bench                  # `make bench`: ~5 minutes on 2 cores
+    python -m loadtests.bench --quick          # ~1 minute smoke run; --help for the knobs
+    python -m loadtests.bench --only unary     # some rows only
 
-Everything runs on 127.0.0.1 and is cleaned up on exit: a broker subprocess
-(`broker serve --insecure-dev`, a fresh LMDB folder, fsync durability unless told
-otherwise), simulated cars in a second subprocess, the load client in this one.
-It prints a markdown table and writes the same figures, with more detail, to
-bench-out/bench.json (broker and car logs land in bench-out/ too).
+It writes bench-out/report.md (the table, then the detail behind it; also printed),
+bench-out/bench.json (every figure, the settings and the environment), two plots
+(bench-out/latency.png, bench-out/throughput.png; `loadtests.report`) and the children's
+logs. Everything runs on 127.0.0.1, each row in fresh processes over fresh temporary LMDB
+folders, all ended and removed on exit, on failure and on Ctrl-C/SIGTERM; a row that fails
+is reported as failed and the others still run.
 
-The rows:
+The ceilings: a bare grpc.aio server (`loadtests.ceilings`: uvloop, the broker's server
+options, the broker's method names answered with canned replies and no work), raw py-lmdb
+doing the store's writes, Mosquitto doing the same drain. The load clients are the same
+processes whichever server they load. Columns: our figure, the ceiling's, ours / ceiling,
+the target, and whether it is met.
 
-1. `SendCommand wait=result`: the whole round trip to a connected car: durable enqueue,
-   delivery on the car's stream, the car's ack and result recorded durably, then the
-   reply. A closed loop with a fixed number of `unlock` calls in flight, round-robin
-   over the cars (each car executes at once and succeeds).
-2. `SendCommand wait=none`: the same calls answered once the command is durable (the
-   broker still delivers them to the cars meanwhile).
-3. `SendCommands batch N`: batch enqueue to offline cars (nothing is delivered); one batch
-   in flight, so each batch is one LMDB write transaction...
-4. `raw py-lmdb batch N`: ...beside py-lmdb doing the same writes in this process: per
-   command the record (24-byte key, a value as long as the broker's record) and the two
-   index entries the store writes with it (`by_vehicle`, `timers`; see
-   `Store._create_one`), plus the sequence counter once per batch; one write transaction
-   per batch, the same sync mode. `broker/raw` is the ratio the team tracks.
+Rows, and how to read them:
 
-How to read it: `rate` counts calls (rows 1-2) or commands (rows 3-4) completed inside the
-measured window, after a warm-up. p50/p99 are nearest-rank over the latencies
-(time.perf_counter) of the successful calls (rows 1-2) or batches (rows 3-4) started in the
-window. `errors` counts calls started in the window that failed, by gRPC status code, and
-those answered with another command status than expected (`SUCCEEDED` for wait=result,
-`ACCEPTED`/`QUEUED` for wait=none) as `command <STATUS>` or `wait timed out at <STATUS>`;
-for batches, refused items by code. `CPU %` is each process's CPU time over the window in %
-of one core, as broker/cars/client ("-": not in that row); one near 100 % is what limits
-the row. Notes under the table flag broker log warnings and car stream reconnects.
-Figures compare only on the same machine and disk; nothing here asserts a target.
+1. `streams held` and `KB per connected car`: `--streams` simulated cars
+   (`loadtests._util cars`: VehicleAgents, 250 to an HTTP/2 connection) send Hello and stay
+   idle on the bare server, then on a broker. KB per car: the server's VmRSS
+   (/proc/PID/status) once all are connected and 2 s settled, minus before any, over the
+   count. Held: the bare server's count of open streams, the broker's
+   `broker_vehicle_streams`. The >= 100k target needs more than this bench holds:
+   `python -m loadtests.fleet steady --cars 100000 --processes 4` measures it.
+2. `telemetry ingest per core`: `--client-procs` stream-client processes write prebuilt
+   3-signal telemetry frames over `--telemetry-streams` streams as fast as flow control
+   allows. Counted by the server: the frames the bare server read; what the broker's
+   telemetry guard took in (admitted + coalesced, from its /metrics), with its budgets
+   raised (`WIDE_OPEN`) so nothing should be shed (shed and sampled out are in the
+   detail). msgs/s over the window divided by the server's CPU in cores = per core.
+3. `SendCommand`: unary-client processes (`--client-procs`, the calls in flight split over
+   them) in a closed loop at each of `--concurrency-levels`, three series interleaved per
+   level: the bare unary server; the broker with wait=none to offline cars (pure durable
+   enqueue: group commit at `--durability`, no delivery); the broker with wait=result to
+   `--cars` connected cars (enqueue, delivery, the car's ack and result recorded, reply).
+   The table has the highest level; the sweep table and the plots have all. Client CPU is
+   shown: a client near 100 % of a core, not the server, bounds that figure.
+4. `batch N`: SendCommands to offline cars, one batch in flight (one LMDB write
+   transaction each), beside py-lmdb in this process doing the store's puts per command
+   (record, by_vehicle, pending and timers entries, the sequence counter once per batch) in one
+   write transaction per batch, in the same sync mode.
+5. `offline drain` and `kill -9 loss`: `loadtests.mosquitto.compare`: `--drain-cars` x
+   `--drain-per-car` queued for offline receivers, all reconnect at once, time until all
+   delivered; then the same setup, kill -9 right after the last acknowledgement, restart
+   on the same data, count what comes back within `--loss-wait`. Skipped, saying what to
+   install, without `mosquitto` or paho-mqtt.
+6. `unlock p99, 10x telemetry storm`: `loadtests.drills.verbosity_storm` with one storm
+   step (half the fleet ignores the broker's telemetry policy); the ceiling column is the
+   same unlocks (wait=result) before the storm.
+
+Rates count what completed inside the measured window (after `--warmup`); latencies are
+nearest-rank percentiles (time.perf_counter) of the successful calls started in it. CPU %
+is CPU time over the window in % of one core. Figures compare only on the same machine:
+anything else using its cores moves them (the load average is recorded).
 """
 
 from __future__ import annotations
@@ -52,7 +73,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,15 +85,24 @@ from broker.config import Config
 from broker.server import install_event_loop_policy
 from broker.v1 import types_pb2 as t
 from broker_ext._compat import extensions_summary
-from loadtests._util import UNTHROTTLED, CarsProcess, CpuMeter, latency_ms
-from loadtests.broker_process import BrokerProcess
+from loadtests import drills, mosquitto, report
+from loadtests._util import (
+    UNTHROTTLED,
+    WIDE_OPEN,
+    CarsProcess,
+    CpuMeter,
+    Window,
+    hdr_ms,
+)
+from loadtests.broker_process import LOOPBACK, BrokerProcess, status_kb
+from loadtests.ceilings import CeilingServer, drive_clients
 
 T = TypeVar("T")
 COMMAND = "unlock"
-#: Safety cap on calls (or batches) per measurement, far above what a run can reach; the
-#: loops end on time first.
+ROWS = ("streams", "telemetry", "unary", "batch", "storm", "drain")
+#: Safety cap on batches per measurement, far above what a run can reach (time ends first).
 MAX_CALLS = 5_000_000
-OK_STATUSES = {"result": {t.SUCCEEDED}, "none": {t.ACCEPTED, t.QUEUED}}
+GUARD_OUTCOMES = ("admitted", "coalesced", "sampled_out", "shed")
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -81,20 +111,20 @@ OK_STATUSES = {"result": {t.SUCCEEDED}, "none": {t.ACCEPTED, t.QUEUED}}
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.bench",
-        description="Measure SendCommand round trips and batch enqueue against raw LMDB.",
+        description="The broker beside its ceilings (bare grpc.aio, raw LMDB, Mosquitto).",
     )
     add = parser.add_argument
-    add(
-        "--quick",
-        action="store_true",
-        help="~20 s smoke run: --duration 2 --warmup 0.5 --cars 20 --wait-timeout 3 unless given",
-    )
-    add("--duration", type=float, help="measured seconds per row (default 10)")
-    add("--warmup", type=float, help="unmeasured seconds before each row (default 1)")
-    add("--concurrency", type=int, default=32, help="SendCommand calls in flight")
-    add("--cars", type=int, help="connected simulated cars (default 100)")
-    add("--batch-sizes", default="64,512", help="comma-separated SendCommands batch sizes")
-    add("--parked-cars", type=int, default=1000, help="offline vehicle ids batches go to")
+    add("--quick", action="store_true", help="~1 minute smoke run: smaller and shorter rows")
+    add("--only", default=",".join(ROWS), help=f"comma-separated rows of: {','.join(ROWS)}")
+    add("--duration", type=float, help="measured seconds per row or point (10; quick 1)")
+    add("--warmup", type=float, help="unmeasured seconds before each (1; quick 0.5)")
+    add("--client-procs", type=int, help="load client processes (default: cores - 1, 1..4)")
+    add("--streams", type=int, help="idle streams held, row 1 (10000; quick 2000)")
+    add("--telemetry-streams", type=int, help="streams writing telemetry (200; quick 100)")
+    add("--concurrency-levels", help="SendCommand calls in flight (1,4,16,64)")
+    add("--cars", type=int, help="connected cars for wait=result (100; quick 20)")
+    add("--batch-sizes", help="SendCommands batch sizes (64,512; quick 64)")
+    add("--parked-cars", type=int, default=1000, help="offline vehicle ids")
     add(
         "--record-bytes",
         type=int,
@@ -102,38 +132,65 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="pad batch payloads so one stored record is about this long",
     )
     add(
-        "--batch-ttl",
+        "--ttl",
         type=float,
         default=3600,
-        help="TTL of batch commands (s); longer than the run, so nothing expires",
+        help="TTL of commands to offline cars (s); longer than the run, so nothing expires",
     )
-    add(
-        "--wait-timeout",
-        type=float,
-        help="seconds a wait=result call waits for the car; bounds RPC deadlines too (default 10)",
-    )
+    add("--wait-timeout", type=float, help="seconds a wait=result call waits (10; quick 3)")
     add(
         "--durability",
         choices=["fsync", "relaxed"],
         default="fsync",
         help="broker durability; the raw LMDB rows use the same sync mode",
     )
-    add("--out", type=Path, default=Path("bench-out"), help="folder for bench.json and logs")
+    add("--drain-cars", type=int, help="offline receivers in the drain rows (1000; quick 200)")
+    add("--drain-per-car", type=int, default=10, help="messages queued for each")
+    add("--loss-wait", type=float, help="seconds to wait for recovered messages (10; quick 3)")
+    add("--mqtt-procs", type=int, default=1, help="MQTT client processes for the reconnects")
+    add("--storm-cars", type=int, help="cars in the storm row (300; quick 60)")
+    add("--storm-unlocks", type=int, help="unlocks per storm phase (150; quick 30)")
+    add("--out", type=Path, default=Path("bench-out"), help="folder for the report and logs")
     add("--tmp-dir", type=Path, help="parent of the temporary LMDB folders (default: system)")
     args = parser.parse_args(argv)
-    quick = {"duration": 2.0, "warmup": 0.5, "cars": 20, "wait_timeout": 3.0}
-    full = {"duration": 10.0, "warmup": 1.0, "cars": 100, "wait_timeout": 10.0}
+    quick = {
+        "duration": 1.0, "warmup": 0.5, "streams": 2000, "telemetry_streams": 100,
+        "concurrency_levels": "1,4,16,64", "cars": 20, "batch_sizes": "64",
+        "wait_timeout": 3.0, "drain_cars": 200, "loss_wait": 3.0, "storm_cars": 60,
+        "storm_unlocks": 30,
+    }  # fmt: skip
+    full = {
+        "duration": 10.0, "warmup": 1.0, "streams": 10_000, "telemetry_streams": 200,
+        "concurrency_levels": "1,4,16,64", "cars": 100, "batch_sizes": "64,512",
+        "wait_timeout": 10.0, "drain_cars": 1000, "loss_wait": 10.0, "storm_cars": 300,
+        "storm_unlocks": 150,
+    }  # fmt: skip
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.client_procs is None:
+        args.client_procs = max(1, min(4, (os.cpu_count() or 2) - 1))
     try:
+        args.only = [row for row in args.only.split(",") if row]
         args.batch_sizes = [int(size) for size in args.batch_sizes.split(",") if size]
+        args.concurrency_levels = sorted(
+            {int(level) for level in args.concurrency_levels.split(",") if level}
+        )
     except ValueError:
-        parser.error("--batch-sizes: comma-separated integers")
+        parser.error("--batch-sizes, --concurrency-levels: comma-separated integers")
+    if not args.only or set(args.only) - set(ROWS):
+        parser.error(f"--only: comma-separated, from {','.join(ROWS)}")
     max_batch = Config().max_batch
     if not args.batch_sizes or not all(0 < size <= max_batch for size in args.batch_sizes):
         parser.error(f"--batch-sizes: each within 1..{max_batch} (the broker's max_batch)")
-    for name in ("duration", "concurrency", "cars", "parked_cars", "wait_timeout"):
+    if not args.concurrency_levels or args.concurrency_levels[0] <= 0:
+        parser.error("--concurrency-levels: positive integers")
+    positive = (
+        "duration", "client_procs", "streams", "telemetry_streams", "cars", "parked_cars",
+        "wait_timeout", "drain_cars", "drain_per_car", "loss_wait", "mqtt_procs",
+        "storm_cars", "storm_unlocks",
+    )  # fmt: skip
+    for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.warmup < 0:
@@ -141,111 +198,297 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def time_budget_s(args: argparse.Namespace) -> float:
-    """A hard stop for the whole run: every row plus generous start/stop allowances."""
-    rows = 2 + 2 * len(args.batch_sizes)
-    return float(rows * (args.warmup + args.duration) + 4 * args.wait_timeout + 60)
+def row_limits_s(args: argparse.Namespace) -> dict[str, float]:
+    """A hard stop per row: generous start, connect and stop allowances around its work."""
+    window = args.warmup + args.duration
+    connect = max(60.0, args.streams / 200)
+    return {
+        "streams": 2 * (connect + 60),
+        "telemetry": 2 * (window + 120),
+        "unary": len(args.concurrency_levels) * 3 * (window + args.wait_timeout + 100) + 60,
+        "batch": len(args.batch_sizes) * 2 * (window + args.wait_timeout + 40),
+        "storm": 300,
+        "drain": 600 + 4 * args.loss_wait,
+    }
 
 
-# -- measurement windows --------------------------------------------------------------------
-
-
-class Window:
-    """A warm-up, then the measured interval; CPU use is read over the measured part."""
-
-    def __init__(self, warmup_s: float, duration_s: float, cpu: CpuMeter) -> None:
-        now = time.perf_counter()
-        self.start = now + warmup_s
-        self.end = self.start + duration_s
-        self.duration_s = duration_s
-        self.cpu_percent: dict[str, float | None] = {}
-        self._cpu = cpu
-
-    def open(self) -> bool:
-        return time.perf_counter() < self.end
-
-    def measures(self, at: float) -> bool:
-        return self.start <= at < self.end
-
-    async def read_cpu(self) -> None:
-        await asyncio.sleep(max(0.0, self.start - time.perf_counter()))
-        self._cpu.start()
-        await asyncio.sleep(max(0.0, self.end - time.perf_counter()))
-        self.cpu_percent = self._cpu.stop()
+# -- helpers --------------------------------------------------------------------------------
 
 
 async def within(seconds: float, what: str, work: Awaitable[T]) -> T:
-    """Await `work`, or fail the run with a clear message if it hangs."""
+    """Await `work`, or fail with a clear message if it hangs."""
     try:
         return await asyncio.wait_for(work, seconds)
     except TimeoutError:
         raise RuntimeError(f"{what} did not finish within {seconds:.0f} s") from None
 
 
-def _outcome(wait: str, reply: Any) -> str | None:
-    """None for an expected reply, else what to count it as."""
-    if reply.wait_timed_out:
-        return f"wait timed out at {t.CommandStatus.Name(reply.command.status)}"
-    if reply.command.status not in OK_STATUSES[wait]:
-        return f"command {t.CommandStatus.Name(reply.command.status)}"
-    return None
+def bench_broker(
+    args: argparse.Namespace, name: str, workdir: Path, env: dict[str, str] = UNTHROTTLED
+) -> BrokerProcess:
+    """An --insecure-dev broker with metrics, at the bench's durability, its quotas and
+    stream gate out of the way (the bench measures speed, not policy)."""
+    return BrokerProcess(
+        workdir / name,
+        args.out / f"broker-{name}.log",
+        args=["--durability", args.durability, "--metrics", f"{LOOPBACK}:0"],
+        env=env,
+    )
 
 
-# -- 1, 2: SendCommand to connected cars -------------------------------------------------------
+def split(total: int, parts: int) -> list[int]:
+    """`total` as `parts` near-equal positive shares (fewer parts if total is smaller)."""
+    parts = max(1, min(parts, total))
+    return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-async def measure_send_command(
+def _note_processes(
+    results: dict[str, Any], broker: BrokerProcess, cars: CarsProcess | None = None
+) -> None:
+    """Record how a broker went; flag what it logged and car streams that reconnected."""
+    name = broker.log_path.stem
+    results["brokers"][name] = broker.describe()
+    results["environment"].setdefault("broker_loop", broker.loop)
+    results["environment"].setdefault("broker_extensions", broker.extensions)
+    notes: list[str] = results["notes"]
+    problems = broker.log_problems()
+    if problems:
+        notes.append(
+            f"{name} logged {len(problems)} warning/error lines, first: "
+            f"{problems[0].strip()[:160]!r} (see {broker.log_path})"
+        )
+    if broker.exit_code not in (0, None):
+        notes.append(f"{name} exited with {broker.exit_code} after {broker.shutdown_s} s")
+    if cars is None:
+        return
+    summary = cars.summary
+    if not summary:
+        notes.append(f"the simulated cars did not report (see {cars.log_path})")
+    elif summary["connects"] > summary["cars"]:
+        notes.append(
+            f"car streams reconnected {summary['connects'] - summary['cars']} times; "
+            f"last stream error per car: {summary['stream_errors']}"
+        )
+
+
+# -- 1: streams held, memory per car -----------------------------------------------------------
+
+
+async def hold_streams(
+    args: argparse.Namespace,
     target: str,
-    vehicle_ids: Sequence[str],
-    *,
-    wait: str,
-    concurrency: int,
-    window: Window,
-    wait_timeout_s: float,
+    server_pid: int | None,
+    held: Callable[[], Awaitable[float]],
+    log: Path,
 ) -> dict[str, Any]:
-    """Closed loop of `unlock` SendCommands with `wait`, `concurrency` calls in flight."""
-    cars = itertools.cycle(vehicle_ids)
-    calls = itertools.count()
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    completed = 0
-    wait_s = wait_timeout_s if wait != "none" else None
-
-    async with BrokerClient(target, timeout_s=wait_timeout_s) as client:
-
-        async def caller() -> None:
-            nonlocal completed
-            while window.open() and next(calls) < MAX_CALLS:
-                started = time.perf_counter()
-                try:
-                    reply = await client.send_command(
-                        next(cars), COMMAND, wait=wait, timeout_s=wait_s
-                    )
-                    problem = _outcome(wait, reply)
-                except BrokerRpcError as exc:
-                    problem = exc.code
-                finished = time.perf_counter()
-                if problem is not None:
-                    if window.measures(started):
-                        errors[problem] += 1
-                    continue
-                if window.measures(finished):
-                    completed += 1
-                if window.measures(started):
-                    latencies.append(finished - started)
-
-        await asyncio.gather(window.read_cpu(), *(caller() for _ in range(concurrency)))
+    """`--streams` idle cars on `target`: the server's memory before and after, per car."""
+    assert server_pid is not None
+    await asyncio.sleep(1.0)  # the server has settled after its start
+    before = status_kb(server_pid)
+    started = time.perf_counter()
+    cars = CarsProcess(
+        target, args.streams, "idle-", log, connect_timeout_s=max(60.0, args.streams / 200)
+    )
+    async with cars:
+        connect_s = time.perf_counter() - started
+        await asyncio.sleep(2.0)
+        after = status_kb(server_pid)
+        count = int(await held())
+    per = {f: round((after[f] - before[f]) / args.streams, 2) for f in ("VmRSS", "RssAnon")}
     return {
-        "rate_per_s": round(completed / window.duration_s, 1),
-        "unit": "calls/s",
-        "ok_in_window": completed,
-        **latency_ms(latencies),
-        "errors": dict(+errors),
-        "cpu_percent": window.cpu_percent,
+        "streams": args.streams,
+        "held": count,
+        "connect_s": round(connect_s, 2),
+        "rss_kb_before": before,
+        "rss_kb_after": after,
+        "kb_per_stream": per["VmRSS"],
+        "anon_kb_per_stream": per["RssAnon"],
+        "cars": cars.summary,
     }
 
 
-# -- 3: SendCommands batches to offline cars ---------------------------------------------------
+async def run_streams_rows(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> None:
+    """Row 1: the bare server, then a broker, each fresh, holding the same idle cars."""
+    row = out["streams"] = {}
+    async with CeilingServer(args.out / "ceiling-streams.log") as bare:
+
+        async def bare_held() -> float:
+            return (await bare.stats())["streams"]
+
+        log = args.out / "cars-streams-ceiling.log"
+        row["ceiling"] = await hold_streams(args, bare.target, bare.pid, bare_held, log)
+    broker = bench_broker(args, "streams", workdir)
+    async with broker:
+
+        async def broker_held() -> float:
+            return (await broker.ametrics()).get("broker_vehicle_streams", 0.0)
+
+        log = args.out / "cars-streams-broker.log"
+        row["ours"] = await hold_streams(args, broker.target, broker.pid, broker_held, log)
+    _note_processes(out, broker)
+
+
+# -- 2: telemetry ingest -----------------------------------------------------------------------
+
+
+async def ingest(
+    args: argparse.Namespace,
+    target: str,
+    server_pid: int | None,
+    taken_in: Callable[[], Awaitable[dict[str, float]]],
+) -> dict[str, Any]:
+    """Telemetry frames as fast as flow control allows; what the server took in, per core."""
+    shares = split(args.telemetry_streams, args.client_procs)
+    argvs = [
+        [
+            *("--prefix", "tele-", "--vehicles", str(args.telemetry_streams)),
+            *("--shard", str(i), "--shards", str(len(shares))),
+            *("--warmup", str(args.warmup), "--duration", str(args.duration)),
+        ]
+        for i in range(len(shares))
+    ]
+
+    async def during() -> tuple[dict[str, float], float | None, float]:
+        await asyncio.sleep(args.warmup)
+        meter = CpuMeter({"server": server_pid})
+        first = await taken_in()
+        meter.start()
+        started = time.perf_counter()
+        await asyncio.sleep(args.duration)
+        last = await taken_in()
+        elapsed = time.perf_counter() - started
+        cpu = meter.stop()["server"]
+        return {k: last[k] - first[k] for k in last}, cpu, elapsed
+
+    reports, (counts, cpu, elapsed) = await drive_clients(
+        "stream-client", target, argvs, args.out, during, timeout_s=60
+    )
+    rate = counts["taken_in"] / elapsed
+    written = sum(r["written_in_window"] for r in reports)
+    return {
+        "streams": args.telemetry_streams,
+        "msgs_per_s": round(rate, 1),
+        "server_cpu_pct": cpu,
+        "msgs_per_s_per_core": round(rate / (cpu / 100), 1) if cpu else None,
+        "counted": {k: int(v) for k, v in counts.items()},
+        "frame_bytes": reports[0]["frame_bytes"],
+        "client_written_per_s": round(written / args.duration, 1),
+        "client_cpu_pct": [r["cpu_percent"] for r in reports],
+    }
+
+
+async def run_telemetry_rows(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> None:
+    """Row 2: the bare server, then a broker with its telemetry budgets opened wide."""
+    row = out["telemetry"] = {}
+    async with CeilingServer(args.out / "ceiling-telemetry.log") as bare:
+
+        async def bare_taken_in() -> dict[str, float]:
+            return {"taken_in": (await bare.stats())["frames"]}
+
+        row["ceiling"] = await ingest(args, bare.target, bare.pid, bare_taken_in)
+    broker = bench_broker(args, "telemetry", workdir, WIDE_OPEN)
+    async with broker:
+
+        async def broker_taken_in() -> dict[str, float]:
+            metrics = await broker.ametrics()
+            guard = {
+                o: metrics.get(f"broker_telemetry_msgs_total{{outcome={o}}}", 0.0)
+                for o in GUARD_OUTCOMES
+            }
+            return {"taken_in": guard["admitted"] + guard["coalesced"], **guard}
+
+        row["ours"] = await ingest(args, broker.target, broker.pid, broker_taken_in)
+    _note_processes(out, broker)
+
+
+# -- 3: SendCommand, against bare unary ---------------------------------------------------------
+
+
+async def unary_point(
+    args: argparse.Namespace,
+    target: str,
+    pids: dict[str, int | None],
+    *,
+    wait: str,
+    prefix: str,
+    vehicles: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    """`concurrency` unlocks in flight, split over the client processes, for one window."""
+    shares = split(concurrency, args.client_procs)
+    argvs = [
+        [
+            *("--prefix", prefix, "--vehicles", str(vehicles)),
+            *("--shard", str(i), "--shards", str(len(shares))),
+            *("--concurrency", str(share), "--wait", wait, "--ttl", str(args.ttl)),
+            *("--wait-timeout", str(args.wait_timeout)),
+            *("--warmup", str(args.warmup), "--duration", str(args.duration)),
+        ]
+        for i, share in enumerate(shares)
+    ]
+    window = Window(args.warmup, args.duration, CpuMeter(pids))
+    reports, cpu = await drive_clients(
+        "unary-client", target, argvs, args.out, window.read_cpu, args.wait_timeout + 30
+    )
+    errors: Counter[str] = Counter()
+    for r in reports:
+        errors.update(r["errors"])
+    latencies = [us / 1e6 for r in reports for us in r["latencies_us"]]
+    return {
+        "concurrency": concurrency,
+        "qps": round(sum(r["completed"] for r in reports) / args.duration, 1),
+        "latency_ms": hdr_ms(latencies),
+        "errors": dict(errors),
+        "cpu_pct": cpu,
+        "client_cpu_pct": [r["cpu_percent"] for r in reports],
+    }
+
+
+async def run_unary_rows(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> None:
+    """Row 3: the bare server and a broker with its cars up together; per level, the bare
+    series, then wait=none to offline cars, then wait=result to connected cars, so the three
+    figures of a level are taken close together in time."""
+    sweep: dict[str, list[dict[str, Any]]] = {"ceiling": [], "none": [], "result": []}
+    out["unary"] = {"client_procs": args.client_procs, "cars": args.cars, "sweep": sweep}
+    broker = bench_broker(args, "unary", workdir)
+    async with contextlib.AsyncExitStack() as stack:
+        bare = await stack.enter_async_context(CeilingServer(args.out / "ceiling-unary.log"))
+        await stack.enter_async_context(broker)
+        cars = await stack.enter_async_context(
+            CarsProcess(broker.target, args.cars, "car-", args.out / "cars-unary.log")
+        )
+        parked = ("parked-", args.parked_cars)
+        # name: (target, pids whose CPU is read, wait mode, (vehicle id prefix, count))
+        series: dict[str, tuple[str, dict[str, int | None], str, tuple[str, int]]] = {
+            "ceiling": (bare.target, {"server": bare.pid}, "none", parked),
+            "none": (broker.target, {"server": broker.pid}, "none", parked),
+            "result": (
+                broker.target,
+                {"server": broker.pid, "cars": cars.pid},
+                "result",
+                ("car-", args.cars),
+            ),
+        }
+        for level in args.concurrency_levels:
+            for name, (target, pids, wait, (prefix, vehicles)) in series.items():
+                sweep[name].append(
+                    await unary_point(
+                        args,
+                        target,
+                        pids,
+                        wait=wait,
+                        prefix=prefix,
+                        vehicles=vehicles,
+                        concurrency=level,
+                    )
+                )
+        await cars.stop()
+        await broker.astop()
+    out["unary"]["cars_summary"] = cars.summary
+    _note_processes(out, broker, cars)
+
+
+# -- 4: SendCommands batches to offline cars, beside raw py-lmdb --------------------------------
 
 
 def padded_payload(record_bytes: int, ttl_s: float) -> bytes:
@@ -309,8 +552,11 @@ async def measure_send_commands_batches(
                     continue
                 finished = time.perf_counter()
                 ok = [item for item in reply.items if item.HasField("accepted")]
-                if ok and not record_bytes:
-                    record_bytes = ok[0].accepted.command.ByteSize()
+                if ok and not record_bytes:  # the record as stored: the reply omits the payload
+                    stored = t.Command()
+                    stored.CopyFrom(ok[0].accepted.command)
+                    stored.payload = payload
+                    record_bytes = stored.ByteSize()
                 if window.measures(started):
                     latencies.append(finished - started)
                     errors.update(i.error.code for i in reply.items if i.HasField("error"))
@@ -321,16 +567,12 @@ async def measure_send_commands_batches(
     return {
         "batch_size": batch_size,
         "rate_per_s": round(accepted / window.duration_s, 1),
-        "unit": "commands/s",
         "accepted_in_window": accepted,
         "record_bytes": record_bytes,
-        **latency_ms(latencies),
+        "latency_ms": hdr_ms(latencies),
         "errors": dict(+errors),
-        "cpu_percent": window.cpu_percent,
+        "cpu_pct": window.cpu_percent,
     }
-
-
-# -- 4: raw py-lmdb, the same writes ------------------------------------------------------------
 
 
 def measure_raw_lmdb_batches(
@@ -357,9 +599,9 @@ def measure_raw_lmdb_batches(
     )
     try:
         with env.begin(write=True) as txn:
-            commands, by_vehicle, timers, meta = (
+            commands, by_vehicle, pending, timers, meta = (
                 env.open_db(name, txn=txn)
-                for name in (b"commands", b"by_vehicle", b"timers", b"meta")
+                for name in (b"commands", b"by_vehicle", b"pending", b"timers", b"meta")
             )
         cars = itertools.cycle([vehicle.encode() + b"\x00" for vehicle in vehicle_ids])
         value = os.urandom(record_bytes)
@@ -379,7 +621,10 @@ def measure_raw_lmdb_batches(
                             # Key shapes as in broker/store.py and broker_ext/_codec_py.py.
                             command_id = f"{now_ms:012x}{os.urandom(6).hex()}".encode()
                             txn.put(command_id, value, db=commands)
-                            txn.put(next(cars) + seq.to_bytes(8, "big"), command_id, db=by_vehicle)
+                            car = next(cars)
+                            txn.put(car + seq.to_bytes(8, "big"), command_id, db=by_vehicle)
+                            lane = b"\xfc"  # 255 - CRITICAL: the batch sends unlocks
+                            txn.put(car + lane + seq.to_bytes(8, "big"), command_id, db=pending)
                             txn.put(
                                 (now_ms + ttl_ms).to_bytes(8, "big") + command_id, b"", db=timers
                             )
@@ -412,14 +657,95 @@ def measure_raw_lmdb_batches(
     return {
         "batch_size": batch_size,
         "rate_per_s": round(written / duration_s, 1),
-        "unit": "commands/s",
         "written_in_window": written,
         "record_bytes": record_bytes,
-        "puts_per_command": 3,
-        **latency_ms(latencies),
-        "errors": {},
-        "cpu_percent": cpu_percent,
+        "puts_per_command": 4,
+        "latency_ms": hdr_ms(latencies),
+        "cpu_pct": cpu_percent,
     }
+
+
+async def run_batch_rows(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> None:
+    """Row 4, per batch size: a fresh broker, then raw py-lmdb on a fresh folder after the
+    broker has exited (so each has the disk and the cores to itself)."""
+    rows = out["batch"] = []
+    parked = [f"parked-{i:04d}" for i in range(args.parked_cars)]
+    for size in args.batch_sizes:
+        broker = bench_broker(args, f"batch-{size}", workdir)
+        async with broker:
+            ours = await measure_send_commands_batches(
+                broker.target,
+                parked,
+                batch_size=size,
+                payload=padded_payload(args.record_bytes, args.ttl),
+                ttl_s=args.ttl,
+                rpc_timeout_s=args.wait_timeout,
+                window=Window(
+                    args.warmup, args.duration, CpuMeter({"server": broker.pid, "client": None})
+                ),
+            )
+        _note_processes(out, broker)
+        abandon = threading.Event()
+        try:
+            raw = await asyncio.to_thread(
+                measure_raw_lmdb_batches,
+                workdir / f"raw-{size}",
+                parked,
+                batch_size=size,
+                record_bytes=ours["record_bytes"] or args.record_bytes,
+                ttl_s=args.ttl,
+                sync=args.durability == "fsync",
+                warmup_s=args.warmup,
+                duration_s=args.duration,
+                abandon=abandon,
+            )
+        finally:
+            abandon.set()  # on cancellation, the thread stops after its current batch
+        rows.append({"batch_size": size, "ours": ours, "ceiling": raw})
+
+
+# -- 5: offline drain and kill -9 loss, beside Mosquitto ----------------------------------------
+
+
+async def run_drain_rows(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> None:
+    """Row 5: `loadtests.mosquitto.compare`, or why it was skipped."""
+    row = out["drain"] = {"cars": args.drain_cars, "per_car": args.drain_per_car}
+    lacking = mosquitto.missing()
+    if lacking is not None:
+        row["skipped"] = " ".join(lacking.split())
+        return
+    theirs, ours = await mosquitto.compare(
+        workdir / "drain",
+        cars=args.drain_cars,
+        per_car=args.drain_per_car,
+        loss_wait_s=args.loss_wait,
+        mqtt_procs=args.mqtt_procs,
+    )
+    row.update(
+        ours=mosquitto.summary(ours), ceiling=mosquitto.summary(theirs), detail=[theirs, ours]
+    )
+    if ours.get("log_problems"):
+        out["notes"].append(f"drain broker logged: {ours['log_problems'][0][:160]!r}")
+
+
+# -- 6: unlock latency during a telemetry storm -------------------------------------------------
+
+
+async def run_storm_rows(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> None:
+    """Row 6: the verbosity-storm drill, one step (x10); its checks go to the notes."""
+    verdict = await drills.verbosity_storm(
+        workdir / "storm", cars=args.storm_cars, unlocks_per_phase=args.storm_unlocks, storms=1
+    )
+    phases = {name: hdr_ms(samples) for name, samples in verdict.samples.items()}
+    out["storm"] = {
+        "cars": args.storm_cars,
+        "unlocks_per_phase": args.storm_unlocks,
+        "ours": phases.pop("storm x10"),
+        "ceiling": phases.pop("unloaded"),
+        "checks": [{"check": c, "passed": ok, "detail": d} for c, ok, d in verdict.checks],
+        "figures": verdict.figures,
+    }
+    out["notes"] += [f"storm drill check failed: {c}: {d}" for c, ok, d in verdict.checks if not ok]
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -440,113 +766,26 @@ def filesystem_of(path: Path) -> str:
     return f"{kind} ({best})"
 
 
-def bench_broker(args: argparse.Namespace, data_dir: Path, log_path: Path) -> BrokerProcess:
-    """An --insecure-dev broker at the bench's durability, without quotas in the way."""
-    return BrokerProcess(
-        data_dir, log_path, args=["--durability", args.durability], env=UNTHROTTLED
-    )
-
-
-async def run_connected_rows(
-    args: argparse.Namespace, workdir: Path, results: dict[str, Any]
-) -> None:
-    """Rows 1-2: one broker, the simulated cars, SendCommand with wait=result then none."""
-    async with contextlib.AsyncExitStack() as stack:
-        broker = await stack.enter_async_context(
-            bench_broker(args, workdir / "online", args.out / "broker-online.log")
-        )
-        cars = await stack.enter_async_context(
-            CarsProcess(broker.target, args.cars, "car-", args.out / "cars.log")
-        )
-        results["environment"].update(broker_loop=broker.loop, broker_extensions=broker.extensions)
-        pids = {"broker": broker.pid, "cars": cars.pid, "client": None}
-        for wait in ("result", "none"):
-            row = await within(
-                args.warmup + args.duration + 2 * args.wait_timeout + 5,
-                f"SendCommand wait={wait}",
-                measure_send_command(
-                    broker.target,
-                    cars.vehicle_ids,
-                    wait=wait,
-                    concurrency=args.concurrency,
-                    window=Window(args.warmup, args.duration, CpuMeter(pids)),
-                    wait_timeout_s=args.wait_timeout,
-                ),
-            )
-            row.update(wait=wait, cars=args.cars, concurrency=args.concurrency)
-            results["send_command"].append(row)
-        await cars.stop()
-        await broker.astop()
-    _note_processes(results, broker, cars)
-    results["cars"] = cars.summary
-
-
-async def run_batch_rows(
-    args: argparse.Namespace, workdir: Path, size: int, results: dict[str, Any]
-) -> None:
-    """Rows 3-4 for one batch size: a fresh broker, then raw py-lmdb on a fresh folder.
-
-    Each starts from an empty LMDB; the raw rows run after the broker has exited, so they
-    have the disk and the cores to themselves as the broker had.
-    """
-    parked = [f"parked-{i:04d}" for i in range(args.parked_cars)]
-    log = args.out / f"broker-batch-{size}.log"
-    async with bench_broker(args, workdir / f"batch-{size}", log) as broker:
-        row = await within(
-            args.warmup + args.duration + args.wait_timeout + 5,
-            f"SendCommands batch {size}",
-            measure_send_commands_batches(
-                broker.target,
-                parked,
-                batch_size=size,
-                payload=padded_payload(args.record_bytes, args.batch_ttl),
-                ttl_s=args.batch_ttl,
-                rpc_timeout_s=args.wait_timeout,
-                window=Window(
-                    args.warmup, args.duration, CpuMeter({"broker": broker.pid, "client": None})
-                ),
-            ),
-        )
-        await broker.astop()
-    _note_processes(results, broker, None)
-    abandon = threading.Event()
-    try:
-        raw = await asyncio.to_thread(
-            measure_raw_lmdb_batches,
-            workdir / f"raw-{size}",
-            parked,
-            batch_size=size,
-            record_bytes=row["record_bytes"] or args.record_bytes,
-            ttl_s=args.batch_ttl,
-            sync=args.durability == "fsync",
-            warmup_s=args.warmup,
-            duration_s=args.duration,
-            abandon=abandon,
-        )
-    finally:
-        abandon.set()  # on cancellation, the thread stops after its current batch
-    ratio = row["rate_per_s"] / raw["rate_per_s"] if raw["rate_per_s"] else None
-    row["broker_over_raw"] = None if ratio is None else round(ratio, 3)
-    results["send_commands"].append(row)
-    results["raw_lmdb"].append(raw)
+RUNNERS: dict[str, Callable[[argparse.Namespace, Path, dict[str, Any]], Awaitable[None]]] = {
+    "streams": run_streams_rows,
+    "telemetry": run_telemetry_rows,
+    "unary": run_unary_rows,
+    "batch": run_batch_rows,
+    "storm": run_storm_rows,
+    "drain": run_drain_rows,
+}
 
 
 async def run_bench(args: argparse.Namespace, client_loop: str) -> dict[str, Any]:
-    """Every row, in temporary LMDB folders removed at the end (also on failure)."""
+    """The chosen rows in order, in temporary folders removed at the end (also on failure);
+    a row that fails or overruns its limit is recorded under `errors` and the next runs."""
     args.out.mkdir(parents=True, exist_ok=True)
     tmp_parent = args.tmp_dir or Path(tempfile.gettempdir())
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("out", "tmp_dir") and v is not None
+    }
     results: dict[str, Any] = {
-        "settings": {
-            "duration_s": args.duration,
-            "warmup_s": args.warmup,
-            "concurrency": args.concurrency,
-            "cars": args.cars,
-            "batch_sizes": args.batch_sizes,
-            "parked_cars": args.parked_cars,
-            "durability": args.durability,
-            "wait_timeout_s": args.wait_timeout,
-            "quick": args.quick,
-        },
+        "settings": settings,
         "environment": {
             "python": platform.python_version(),
             "grpcio": grpc.__version__,
@@ -556,132 +795,56 @@ async def run_bench(args: argparse.Namespace, client_loop: str) -> dict[str, Any
             "client_loop": client_loop,
             "client_extensions": extensions_summary(),
             "data_filesystem": filesystem_of(tmp_parent),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         },
-        "send_command": [],
-        "send_commands": [],
-        "raw_lmdb": [],
-        "cars": {},
+        "errors": {},
         "brokers": {},
         "notes": [],
     }
+    limits = row_limits_s(args)
     with tempfile.TemporaryDirectory(prefix="broker-bench-", dir=tmp_parent) as tmp:
-        await run_connected_rows(args, Path(tmp), results)
-        for size in args.batch_sizes:
-            await run_batch_rows(args, Path(tmp), size, results)
+        for name in (row for row in ROWS if row in args.only):
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            try:
+                await within(limits[name], name, RUNNERS[name](args, Path(tmp), results))
+            except Exception as exc:  # one row's failure is reported; the others still run
+                results["errors"][name] = f"{type(exc).__name__}: {exc}"[:2000]
+            results.setdefault("row_seconds", {})[name] = round(time.perf_counter() - started, 1)
+    results["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
-
-
-def _note_processes(
-    results: dict[str, Any], broker: BrokerProcess, cars: CarsProcess | None
-) -> None:
-    """Record how the broker went; flag what it logged and car streams that reconnected."""
-    name = broker.log_path.stem
-    results["brokers"][name] = broker.describe()
-    notes: list[str] = results["notes"]
-    problems = broker.log_problems()
-    if problems:
-        notes.append(
-            f"{name} logged {len(problems)} warning/error lines, first: "
-            f"{problems[0].strip()[:160]!r} (see {broker.log_path})"
-        )
-    if broker.exit_code not in (0, None):
-        notes.append(f"{name} exited with {broker.exit_code} after {broker.shutdown_s} s")
-    if cars is None:
-        return
-    summary = cars.summary
-    if not summary:
-        notes.append(f"the simulated cars did not report (see {cars.log_path})")
-    elif summary["connects"] > summary["cars"]:
-        notes.append(
-            f"car streams reconnected {summary['connects'] - summary['cars']} times; "
-            f"last stream error per car: {summary['stream_errors']}"
-        )
-
-
-# -- the report -----------------------------------------------------------------------------
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _cpu(percent: dict[str, float | None]) -> str:
-    order = ("broker", "cars", "client")
-    return "/".join("-" if percent.get(k) is None else f"{percent[k]:.0f}" for k in order)
-
-
-def _errors(errors: dict[str, int]) -> str:
-    if not errors:
-        return "0"
-    return ", ".join(f"{code}: {count}" for code, count in sorted(errors.items()))
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    settings, env = results["settings"], results["environment"]
-    lines = [
-        "| measurement | rate | p50 ms | p99 ms | errors | CPU % broker/cars/client | broker/raw |",
-        "|---|--:|--:|--:|---|--:|--:|",
-    ]
-
-    def row(label: str, data: dict[str, Any], ratio: str = "") -> None:
-        rate = f"{data['rate_per_s']:,.0f} {data['unit']}"
-        lines.append(
-            f"| {label} | {rate} | {_ms(data['p50_ms'])} | {_ms(data['p99_ms'])} | "
-            f"{_errors(data['errors'])} | {_cpu(data['cpu_percent'])} | {ratio} |"
-        )
-
-    for data in results["send_command"]:
-        label = (
-            f"SendCommand {COMMAND} wait={data['wait']}, {data['cars']} connected cars, "
-            f"{data['concurrency']} in flight"
-        )
-        row(label, data)
-    for data, raw in zip(results["send_commands"], results["raw_lmdb"], strict=True):
-        ratio = "-" if data["broker_over_raw"] is None else f"{data['broker_over_raw']:.2f}"
-        row(f"SendCommands batch {data['batch_size']}, offline cars", data, ratio)
-        row(f"raw py-lmdb batch {raw['batch_size']}, {raw['puts_per_command']} puts/cmd", raw)
-    record = results["send_commands"][0]["record_bytes"] if results["send_commands"] else 0
-    lines += [
-        "",
-        f"event loop: broker={env.get('broker_loop')}, cars={results['cars'].get('loop')}, "
-        f"client={env['client_loop']} · extensions: broker={env.get('broker_extensions')}, "
-        f"client={env['client_extensions']}",
-        f"durability={settings['durability']} (raw LMDB sync={settings['durability'] == 'fsync'})"
-        f" · record {record} B · data on {env['data_filesystem']} · {env['cpus']} CPUs · "
-        f"{settings['duration_s']:g} s per row after {settings['warmup_s']:g} s warm-up",
-    ]
-    lines += [f"note: {note}" for note in results["notes"]]
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     client_loop = install_event_loop_policy()
+    budget_s = sum(limits for row, limits in row_limits_s(args).items() if row in args.only)
 
     async def bounded() -> dict[str, Any]:
         task = asyncio.current_task()
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await asyncio.wait_for(run_bench(args, client_loop), time_budget_s(args))
+        return await asyncio.wait_for(run_bench(args, client_loop), budget_s)
 
     started = time.perf_counter()
     try:
         results = asyncio.run(bounded())
     except TimeoutError:
-        print(f"error: the bench overran its {time_budget_s(args):.0f} s budget", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:  # a child did not start (log tail in exc) or a row hung
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: the bench overran its {budget_s:.0f} s budget", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; cleaned up", file=sys.stderr)
         return 130
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
-    report = render_markdown(results)
-    print(report)
+    results["notes"] += report.saturation_notes(results)
+    results["rows"] = report.table_rows(results)
+    results["plots"] = report.plot(results, args.out)
+    text = report.render_markdown(results)
+    (args.out / "report.md").write_text(text + "\n")
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n(written to {args.out / 'bench.json'}; whole run {results['elapsed_s']} s)")
-    return 0
+    print(text)
+    print(f"\n(in {args.out}: report.md, bench.json, plots; whole run {results['elapsed_s']} s)")
+    return 1 if results["errors"] else 0
 
 
 if __name__ == "__main__":

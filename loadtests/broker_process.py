@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,19 +40,28 @@ def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def memory_mb(pid: int) -> dict[str, float]:
-    """A process's memory in MiB: peak resident, and resident now, split in anonymous
-    (heap) and file-backed (for the broker, mostly LMDB's map); empty without /proc."""
+def status_kb(pid: int | str = "self") -> dict[str, int]:
+    """A process's memory from /proc/PID/status in KiB: VmRSS (resident now), RssAnon (heap),
+    RssFile (file-backed; for the broker mostly LMDB's map), VmHWM (peak resident); empty
+    without /proc."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return {}
     out = {}
-    for field, name in (("VmHWM", "peak_rss_mb"), ("RssAnon", "anon_mb"), ("RssFile", "file_mb")):
+    for field in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
         found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
         if found:
-            out[name] = round(int(found[1]) / 1024, 1)
+            out[field] = int(found[1])
     return out
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """A process's memory in MiB: peak resident, and resident now, split in anonymous
+    (heap) and file-backed (for the broker, mostly LMDB's map); empty without /proc."""
+    kb = status_kb(pid)
+    names = (("VmHWM", "peak_rss_mb"), ("RssAnon", "anon_mb"), ("RssFile", "file_mb"))
+    return {name: round(kb[field] / 1024, 1) for field, name in names if field in kb}
 
 
 class BrokerProcess:
@@ -173,6 +183,31 @@ class BrokerProcess:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.astop()
+
+    # -- what it measures (started with `--metrics HOST:PORT`) --
+
+    def metrics(self, timeout_s: float = 10.0) -> dict[str, float]:
+        """`name{label=value,...}` (labels sorted) -> value, from its Prometheus /metrics;
+        {} when it does not answer (down, or started without `--metrics`)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        if not self.metrics_target:
+            return {}
+        url = f"http://{self.metrics_target}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return {}
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return out
+
+    async def ametrics(self) -> dict[str, float]:
+        return await asyncio.to_thread(self.metrics)
 
     # -- what it printed and logged --
 

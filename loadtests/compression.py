@@ -29,16 +29,9 @@ import grpc
 from broker.clock import now_ms
 from broker.v1 import vehicle_link_pb2 as link
 from broker.vehicle import VehicleAgent, signals
-from loadtests._util import UNTHROTTLED, cpu_seconds
+from loadtests._util import WIDE_OPEN, cpu_seconds
 from loadtests.broker_process import BrokerProcess
 
-WIDE_OPEN = {
-    **UNTHROTTLED,
-    "BROKER_TELEMETRY_CAR_MSGS_PER_S": "1e9",
-    "BROKER_TELEMETRY_CAR_BYTES_PER_S": "1e12",
-    "BROKER_TELEMETRY_FLEET_MSGS_PER_S": "1e9",
-    "BROKER_TELEMETRY_FLEET_BYTES_PER_S": "1e12",
-}
 SETTINGS = {"off": None, "gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate}
 
 

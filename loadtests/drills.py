@@ -43,11 +43,13 @@ from loadtests.broker_process import LOOPBACK, BrokerProcess
 
 @dataclass
 class Verdict:
-    """The outcome of one drill: checks that pass or fail, and figures to report."""
+    """The outcome of one drill: checks that pass or fail, figures to report, and the raw
+    latencies (seconds) behind them by phase (`loadtests.bench` reports their percentiles)."""
 
     drill: str
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
 
     def check(self, name: str, passed: bool, detail: str = "") -> None:
         self.checks.append((name, bool(passed), detail))
@@ -232,6 +234,7 @@ async def verbosity_storm(
     total: collections.Counter[str] = collections.Counter()
     for name, latencies, outcomes in phases:
         total.update(outcomes)
+        verdict.samples[name] = latencies
         figures = latency_ms(latencies)
         verdict.figures[f"unlock p50 / p99 ms, {name}"] = (
             f"{figures['p50_ms']} / {figures['p99_ms']}"

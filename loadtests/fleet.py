@@ -45,13 +45,12 @@ import signal
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtests._util import UNTHROTTLED, cpu_seconds, percentile
-from loadtests.broker_process import LOOPBACK, PROJECT_ROOT, BrokerProcess
+from loadtests._util import UNTHROTTLED, cpu_seconds, hdr_ms
+from loadtests.broker_process import LOOPBACK, PROJECT_ROOT, BrokerProcess, status_kb
 
 SCENARIOS = ("steady", "storm", "crash", "reconnect-storm")
 OUT_DIR = PROJECT_ROOT / "bench-out"
@@ -92,30 +91,6 @@ gc.callbacks.append(_fleet_gc_probe)
 GC_LINE = re.compile(r"^fleet-gc at=(?P<at>[\d.]+) gen=(?P<gen>\d) ms=(?P<ms>[\d.]+)", re.M)
 
 
-def _rss_kb(pid: int | str = "self") -> dict[str, int]:
-    """VmRSS / RssAnon / VmHWM of a process in KiB (empty without /proc)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    out = {}
-    for field in ("VmRSS", "RssAnon", "VmHWM"):
-        found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
-        if found:
-            out[field] = int(found[1])
-    return out
-
-
-def hdr_ms(samples_s: Sequence[float]) -> dict[str, Any]:
-    """Count and p50/p90/p99/p99.9/max of latencies in seconds, in milliseconds."""
-    ordered = sorted(samples_s)
-    out: dict[str, Any] = {"n": len(ordered)}
-    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0)):
-        value = percentile(ordered, q)
-        out[name] = None if value is None else round(value * 1000, 2)
-    return out
-
-
 # -- the car process ----------------------------------------------------------------------------
 
 
@@ -136,7 +111,7 @@ async def run_cars(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     rng = random.Random(args.seed)
-    rss_before = _rss_kb()
+    rss_before = status_kb()
     channels: list[Any] = []
     agents: list[VehicleAgent] = []
     for index in range(args.cars):
@@ -152,7 +127,7 @@ async def run_cars(args: argparse.Namespace) -> None:
                 remember_results=16,
             )
         )
-    rss_agents = _rss_kb()
+    rss_agents = status_kb()
     started = time.monotonic()
     tasks: list[asyncio.Task[None]] = []
 
@@ -184,7 +159,7 @@ async def run_cars(args: argparse.Namespace) -> None:
             "telemetry_held": state["held"],
             "telemetry_failed": state["failed"],
             "telemetry_invalid_state": state["invalid_state"],
-            "rss_kb": _rss_kb(),
+            "rss_kb": status_kb(),
             "cpu_s": round(time.process_time(), 2),
             **extra,
         }
@@ -433,23 +408,7 @@ class Fleet:
 
     async def metrics(self) -> dict[str, float]:
         """name{labels} -> value from the broker's /metrics ({} when it is down)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        def fetch() -> str:
-            url = f"http://{self.broker.metrics_target}/metrics"
-            with urllib.request.urlopen(url, timeout=10) as reply:
-                return str(reply.read().decode())
-
-        try:
-            text = await asyncio.to_thread(fetch)
-        except OSError:
-            return {}
-        out = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return out
+        return await self.broker.ametrics()
 
     @staticmethod
     def telemetry_msgs(metrics: dict[str, float], outcome: str | None = None) -> float:
@@ -459,7 +418,7 @@ class Fleet:
         )
 
     def broker_rss_mb(self) -> float | None:
-        rss = _rss_kb(self.broker.pid).get("VmRSS") if self.broker.running else None
+        rss = status_kb(self.broker.pid).get("VmRSS") if self.broker.running else None
         return None if rss is None else round(rss / 1024, 1)
 
     # -- phases ---------------------------------------------------------------------------------

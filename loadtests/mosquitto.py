@@ -17,7 +17,8 @@ data, reconnect, count what comes back within a bounded wait.
   SUCCEEDED (the car acked, executed and sent its result, recorded by the broker).
 
 Prints a markdown table and writes bench-out/mosquitto.json. Loopback only, bounded,
-temporary folders, child processes ended on exit.
+temporary folders, child processes ended on exit. `loadtests.bench` runs the same
+comparison (`compare`) as its offline-drain rows.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import queue
 import selectors
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,20 +50,25 @@ INSTALL_PAHO = f"{sys.executable} -m pip install paho-mqtt"
 CARS_PER_CHANNEL = 250
 
 
+class Aborted(Exception):
+    """The caller gave up (Ctrl-C, a time limit): stop waiting, clean up, return nothing."""
+
+
+def missing() -> str | None:
+    """What this comparison lacks on this machine, with how to install it; None if nothing."""
+    if shutil.which("mosquitto") is None:
+        return f"mosquitto is not on PATH; install it with:\n  {INSTALL_MOSQUITTO}"
+    try:
+        import paho.mqtt.client  # noqa: F401
+    except ImportError:
+        return f"paho-mqtt is not installed; install it with:\n  {INSTALL_PAHO}"
+    return None
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
-
-
-def _paho() -> Any:
-    try:
-        import paho.mqtt.client as mqtt
-    except ImportError:
-        raise SystemExit(
-            f"paho-mqtt is not installed; install it with:\n  {INSTALL_PAHO}"
-        ) from None
-    return mqtt
 
 
 # -- Mosquitto ------------------------------------------------------------------------------
@@ -126,11 +134,15 @@ class Mosquitto:
 
 
 class MqttPool:
-    """Many paho clients on one selector loop (no thread per client), in this thread."""
+    """Many paho clients on one selector loop (no thread per client), in this thread;
+    `pump` raises Aborted once `abort` is set."""
 
-    def __init__(self, port: int) -> None:
-        self.mqtt = _paho()
+    def __init__(self, port: int, abort: threading.Event | None = None) -> None:
+        import paho.mqtt.client as mqtt  # not needed unless Mosquitto is compared
+
+        self.mqtt = mqtt
         self.port = port
+        self.abort = abort or threading.Event()
         self.selector = selectors.DefaultSelector()
         self.clients: list[Any] = []
         self.received = 0
@@ -186,6 +198,8 @@ class MqttPool:
         """Read and write for every client until `until()` or the timeout; True if met."""
         deadline = time.monotonic() + timeout_s
         while not until():
+            if self.abort.is_set():
+                raise Aborted
             if time.monotonic() > deadline:
                 return False
             for client in self.clients:
@@ -198,10 +212,10 @@ class MqttPool:
         return True
 
 
-def _mqtt_setup(port: int, ids: Sequence[str], per_car: int) -> int:
+def _mqtt_setup(port: int, ids: Sequence[str], per_car: int, abort: threading.Event) -> int:
     """Persistent sessions subscribed, disconnected, then `per_car` QoS1 messages each
     published and PUBACKed; returns how many were acknowledged."""
-    pool = MqttPool(port)
+    pool = MqttPool(port, abort)
     for vehicle_id in ids:
         client = pool.client(vehicle_id)
         pool.connect(client)
@@ -245,6 +259,20 @@ def _drain_worker(
     )
 
 
+def _get(results: Any, timeout_s: float, abort: threading.Event) -> Any:
+    """The next report of a client process, within `timeout_s`, unless aborted."""
+    deadline = time.monotonic() + timeout_s
+    while not abort.is_set():
+        try:
+            return results.get(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"an MQTT client process did not report in {timeout_s} s"
+                ) from None
+    raise Aborted
+
+
 def _mqtt_reconnect(
     port: int,
     ids: Sequence[str],
@@ -252,10 +280,12 @@ def _mqtt_reconnect(
     timeout_s: float,
     server_pid: int,
     procs: int,
+    abort: threading.Event,
 ) -> dict[str, Any]:
     """Reconnect every session at once from `procs` client processes; time until every
     message arrived (the last process to get all of its share)."""
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: the caller may be a threaded process with gRPC running (the bench)
+    ctx = multiprocessing.get_context("spawn")
     go, results = ctx.Event(), ctx.Queue()
     shares = [list(ids[i::procs]) for i in range(procs)]
     workers = [
@@ -270,16 +300,16 @@ def _mqtt_reconnect(
         worker.start()
     try:
         for _ in workers:
-            results.get(timeout=60)
+            _get(results, 60, abort)
         server0 = cpu_seconds(server_pid)
         started = time.perf_counter()
         go.set()
-        reports = [results.get(timeout=timeout_s + 60)[1] for _ in workers]
+        reports = [_get(results, timeout_s + 60, abort)[1] for _ in workers]
         elapsed = time.perf_counter() - started
         server = _cpu_pct(server0, cpu_seconds(server_pid), elapsed)
     finally:
         for worker in workers:
-            worker.join(10)
+            worker.join(0 if abort.is_set() else 10)
             if worker.is_alive():
                 worker.kill()
                 worker.join()
@@ -302,25 +332,32 @@ def _cpu_pct(before: float | None, after: float | None, elapsed: float) -> float
 
 
 def run_mosquitto(
-    workdir: Path, cars: int, per_car: int, loss_wait_s: float, procs: int
+    workdir: Path,
+    cars: int,
+    per_car: int,
+    loss_wait_s: float,
+    procs: int,
+    abort: threading.Event | None = None,
 ) -> dict[str, Any]:
+    """Mosquitto's side (blocking); raises Aborted soon after `abort` is set."""
+    abort = abort or threading.Event()
     ids = [f"car-{i}" for i in range(cars)]
     out: dict[str, Any] = {"system": "Mosquitto " + _mosquitto_version()}
     broker = Mosquitto(workdir / "drain")
     try:
         broker.start()
-        out["acknowledged"] = _mqtt_setup(broker.port, ids, per_car)
-        out["drain"] = _mqtt_reconnect(broker.port, ids, per_car, 120, broker.pid, procs)
+        out["acknowledged"] = _mqtt_setup(broker.port, ids, per_car, abort)
+        out["drain"] = _mqtt_reconnect(broker.port, ids, per_car, 120, broker.pid, procs, abort)
     finally:
         broker.stop()
     broker = Mosquitto(workdir / "loss")
     try:
         broker.start()
-        out["acked_before_kill"] = _mqtt_setup(broker.port, ids, per_car)
+        out["acked_before_kill"] = _mqtt_setup(broker.port, ids, per_car, abort)
         broker.kill()  # right after the last PUBACK
         broker.start()  # same config: same port, same persistence folder
         out["after_kill"] = _mqtt_reconnect(
-            broker.port, ids, per_car, loss_wait_s, broker.pid, procs
+            broker.port, ids, per_car, loss_wait_s, broker.pid, procs, abort
         )
     finally:
         broker.stop()
@@ -487,7 +524,39 @@ async def run_broker(workdir: Path, cars: int, per_car: int, loss_wait_s: float)
     return out
 
 
-# -- report ---------------------------------------------------------------------------------
+# -- both, and the report ------------------------------------------------------------------------
+
+
+async def compare(
+    workdir: Path, *, cars: int, per_car: int, loss_wait_s: float, mqtt_procs: int
+) -> list[dict[str, Any]]:
+    """The same work on Mosquitto (on a worker thread) then on this broker (in this event
+    loop): [Mosquitto's figures, this broker's]. Cancelling it stops Mosquitto's side too."""
+    abort = threading.Event()
+    try:
+        mosq = await asyncio.to_thread(
+            run_mosquitto, workdir / "mosquitto", cars, per_car, loss_wait_s, mqtt_procs, abort
+        )
+    finally:
+        abort.set()
+    ours = await run_broker(workdir / "broker", cars, per_car, loss_wait_s)
+    return [mosq, ours]
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """One system's drain time, what it delivered, and what kill -9 lost."""
+    drain, after = result["drain"], result["after_kill"]
+    recovered = after.get("received", after.get("succeeded"))
+    return {
+        "system": result["system"],
+        "drain_s": drain["seconds"],
+        "delivered": drain.get("received", drain.get("succeeded")),
+        "acknowledged": result["acknowledged"],
+        "drain_cpu_pct": {"client": drain["client_cpu_pct"], "server": drain["server_cpu_pct"]},
+        "acked_before_kill": result["acked_before_kill"],
+        "recovered_after_kill": recovered,
+        "lost": result["acked_before_kill"] - recovered,
+    }
 
 
 def table(results: Sequence[dict[str, Any]], total: int) -> str:
@@ -496,15 +565,12 @@ def table(results: Sequence[dict[str, Any]], total: int) -> str:
         "| acknowledged before kill | recovered after kill -9 | lost |",
         "|---|--:|--:|--:|--:|--:|--:|",
     ]
-    for r in results:
-        drain, after = r["drain"], r["after_kill"]
-        delivered = drain.get("received", drain.get("succeeded"))
-        recovered = after.get("received", after.get("succeeded"))
-        lost = r["acked_before_kill"] - recovered
+    for r in map(summary, results):
+        cpu = r["drain_cpu_pct"]
         lines.append(
-            f"| {r['system']} | {drain['seconds']} | {delivered}/{total} | "
-            f"{drain['client_cpu_pct']} / {drain['server_cpu_pct']} | "
-            f"{r['acked_before_kill']} | {recovered} | {lost} |"
+            f"| {r['system']} | {r['drain_s']} | {r['delivered']}/{total} | "
+            f"{cpu['client']} / {cpu['server']} | "
+            f"{r['acked_before_kill']} | {r['recovered_after_kill']} | {r['lost']} |"
         )
     return "\n".join(lines)
 
@@ -519,27 +585,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    if shutil.which("mosquitto") is None:
-        print(f"mosquitto is not on PATH; install it with:\n  {INSTALL_MOSQUITTO}", file=sys.stderr)
+    lacking = missing()
+    if lacking is not None:
+        print(lacking, file=sys.stderr)
         return 2
-    _paho()
-    total = args.cars * args.per_car
-    with tempfile.TemporaryDirectory(prefix="mosquitto-vs-broker-") as tmp:
-        workdir = Path(tmp)
-        print(f"Mosquitto: {args.cars} sessions x {args.per_car} QoS1 messages ...", flush=True)
-        mosq = run_mosquitto(
-            workdir / "mosquitto", args.cars, args.per_car, args.loss_wait_s, args.mqtt_procs
-        )
-        print(f"this broker: {args.cars} cars x {args.per_car} commands ...", flush=True)
-        from broker.server import install_event_loop_policy
+    from broker.server import install_event_loop_policy
 
-        install_event_loop_policy()
-        ours = asyncio.run(
-            run_broker(workdir / "broker", args.cars, args.per_car, args.loss_wait_s)
+    install_event_loop_policy()
+    print(
+        f"Mosquitto, then this broker: {args.cars} cars x {args.per_car} messages ...",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="mosquitto-vs-broker-") as tmp:
+        results = asyncio.run(
+            compare(
+                Path(tmp),
+                cars=args.cars,
+                per_car=args.per_car,
+                loss_wait_s=args.loss_wait_s,
+                mqtt_procs=args.mqtt_procs,
+            )
         )
-    results = [mosq, ours]
     print()
-    print(table(results, total))
+    print(table(results, args.cars * args.per_car))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"cars": args.cars, "per_car": args.per_car, "results": results}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
