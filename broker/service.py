@@ -422,20 +422,23 @@ class Servicer:
         self._dispatcher.connect(session, hello_frame.hello.recent_command_ids)
         return session
 
-    def _take_telemetry(self, session: Session, frame: Any, verdict: Verdict) -> None:
-        """Apply an admitted telemetry/state batch now, or buffer it for the next flush."""
-        kind = frame.WhichOneof("kind")
-        signals = frame.telemetry.signals if kind == "telemetry" else frame.state.fields
-        if verdict is Verdict.ADMIT:
-            self._states.report(session.vehicle_id, signals, now_ms())
-        else:
-            check_signals(signals)
-            self._guard.coalesce(session.vehicle_id, signals, now_ms())
-
-    def _send_policy_update(self, session: Session) -> None:
-        policy = self._guard.policy_update(session.vehicle_id, time.monotonic())
+    def _take_telemetry(self, session: Session, raw: bytes, received_ms: int) -> Verdict:
+        """Judge a telemetry/state batch before parsing it (a shed batch costs a counter,
+        not a parse); apply it now, buffer it for the next flush, or drop it."""
+        vehicle_id = session.vehicle_id
+        verdict, policy = self._guard.offer(vehicle_id, len(raw), time.monotonic())
+        if verdict is Verdict.ADMIT or verdict is Verdict.COALESCE:
+            frame = _parse(link.VehicleFrame, raw)
+            kind = frame.WhichOneof("kind")
+            signals = frame.telemetry.signals if kind == "telemetry" else frame.state.fields
+            if verdict is Verdict.ADMIT:
+                self._states.report(vehicle_id, signals, received_ms)
+            else:
+                check_signals(signals)
+                self._guard.coalesce(vehicle_id, signals, received_ms)
         if policy is not None:
             session.send(telemetry_control(policy))
+        return verdict
 
     async def _write_frames(self, context: Context, session: Session) -> None:
         while True:
@@ -462,12 +465,7 @@ class Servicer:
                 received = now_ms()
                 self._states.seen(vehicle_id, received)
                 if raw[:1] in TELEMETRY_TAGS:
-                    # Judged before parsing: a shed batch costs a counter, not a parse.
-                    verdict = self._guard.admit(vehicle_id, len(raw), time.monotonic())
-                    if verdict in (Verdict.ADMIT, Verdict.COALESCE):
-                        self._take_telemetry(session, _parse(link.VehicleFrame, raw), verdict)
-                    self._send_policy_update(session)
-                    if verdict is Verdict.SHED:
+                    if self._take_telemetry(session, raw, received) is Verdict.SHED:
                         # Told and still flooding: push back by not reading, so HTTP/2 flow
                         # control slows the car's writes (its acks wait at most this long).
                         await asyncio.sleep(SHED_READ_PAUSE_S)

@@ -37,12 +37,11 @@ on a monotonic clock, so it is deterministic to test. Every call is O(1) except
 `take_coalesced` and `sweep` (linear in what they return or look at). Wiring, in the stream
 reader (before applying anything):
 
-    verdict = guard.admit(vehicle_id, len(raw_frame), now_s)
+    verdict, policy = guard.offer(vehicle_id, len(raw_frame), now_s)  # admit + policy_update
     if verdict is Verdict.ADMIT:
         states.report(vehicle_id, batch.signals, received_ms)
     elif verdict is Verdict.COALESCE:
         guard.coalesce(vehicle_id, batch.signals, received_ms)
-    policy = guard.policy_update(vehicle_id, now_s)
     if policy is not None:
         control = Control(telemetry_policy=TelemetryPolicy(**policy._asdict()))
         session.send(BrokerFrame(control=control))
@@ -326,6 +325,24 @@ class TelemetryGuard:
         ):
             return self._keep(car, cost, size_bytes)  # past budget: coalesce it
         return self._drop(Verdict.SHED, size_bytes)
+
+    def offer(
+        self, vehicle_id: str, size_bytes: int, now_s: float
+    ) -> tuple[Verdict, TelemetryPolicyValues | None]:
+        """`admit`, then `policy_update`, in one call: what the stream reader does per batch.
+
+        Same outcome as the two calls (a test holds it to that), minus the second call's
+        bucket refills and window checks, which at the same `now_s` change nothing.
+        """
+        verdict = self.admit(vehicle_id, size_bytes, now_s)
+        car = self._cars[vehicle_id]  # admit added it
+        level = max(car.level, self._fleet.level)
+        if level is car.sent_level:
+            return verdict, None
+        car.sent_level = level
+        self._rewatch(vehicle_id, car)
+        self.counters.policy_updates += 1
+        return verdict, self._policies[level]
 
     def _keep(self, car: _Car, cost: float, size_bytes: int) -> Verdict:
         for budget in (car, self._fleet):

@@ -508,3 +508,31 @@ def test_every_batch_is_accounted_and_the_fleet_budget_holds(
         # The fleet bucket starts full at the first call (t = 0 here).
         assert kept[0] <= fleet_msgs * (now + BURST_S) + 1e-6
         assert kept[1] <= fleet_bytes * (now + BURST_S) + 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=_steps, fleet_msgs=st.sampled_from([5.0, 30.0, 1000.0]))
+def test_offer_is_admit_then_policy_update(
+    steps: list[tuple[str, int, int, float]], fleet_msgs: float
+) -> None:
+    """The stream reader's one call per batch decides exactly what the two calls would."""
+    one = make_guard(fleet_msgs_per_s=fleet_msgs, hold_s=2.0)
+    two = make_guard(fleet_msgs_per_s=fleet_msgs, hold_s=2.0)
+    now = 0.0
+    for action, car, size, dt in steps:
+        now += dt
+        vehicle_id = f"car-{car}"
+        if action == "admit":
+            assert one.offer(vehicle_id, size, now) == (
+                two.admit(vehicle_id, size, now),
+                two.policy_update(vehicle_id, now),
+            )
+        elif action == "policy":
+            assert one.policy_update(vehicle_id, now) == two.policy_update(vehicle_id, now)
+        elif action == "sweep":
+            assert one.sweep(now) == two.sweep(now)
+        elif action == "forget":
+            assert one.forget(vehicle_id) == two.forget(vehicle_id)
+        else:
+            assert one.take_coalesced() == two.take_coalesced()
+        assert one.counters == two.counters
