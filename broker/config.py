@@ -80,7 +80,11 @@ class Config:
     new_streams_per_s: float = 2000
     new_streams_burst: float = 2000
     sweep_interval_s: float = 0.25
+    #: coalesced telemetry is applied to live state this often (memory only)
     state_flush_interval_s: float = 1.0
+    #: a connected car's changed state reaches LMDB at most this late (spread over the
+    #: interval, oldest change first); a car's state is persisted at once when it goes
+    state_persist_interval_s: float = 10.0
     max_state_fields: int = 256
     #: telemetry verbosity guard budgets (see broker/telemetry.py); per broker process
     telemetry_car_msgs_per_s: float = 2
@@ -139,7 +143,8 @@ class Config:
             "group_commit_max", "map_size_mb", "window", "max_payload_bytes", "max_batch",
             "max_message_bytes", "default_wait_timeout_s", "max_wait_timeout_s",
             "hello_timeout_s", "new_streams_per_s", "new_streams_burst", "sweep_interval_s",
-            "state_flush_interval_s", "max_state_fields", "telemetry_car_msgs_per_s",
+            "state_flush_interval_s", "state_persist_interval_s", "max_state_fields",
+            "telemetry_car_msgs_per_s",
             "telemetry_car_bytes_per_s", "telemetry_fleet_msgs_per_s",
             "telemetry_fleet_bytes_per_s", "telemetry_hold_s", "admission_initial_limit",
             "admission_min_limit", "admission_max_limit", "codel_target_ms", "codel_interval_ms",

@@ -465,10 +465,12 @@ class Servicer:
                 received = now_ms()
                 self._states.seen(vehicle_id, received)
                 if raw[:1] in TELEMETRY_TAGS:
-                    if self._take_telemetry(session, raw, received) is Verdict.SHED:
-                        # Told and still flooding: push back by not reading, so HTTP/2 flow
-                        # control slows the car's writes (its acks wait at most this long).
-                        await asyncio.sleep(SHED_READ_PAUSE_S)
+                    if self._take_telemetry(session, raw, received) is not Verdict.ADMIT:
+                        # Over its budget: read it no faster than the budget refills, so
+                        # HTTP/2 flow control slows the car's writes (see read_pause_s).
+                        pause_s = self._guard.read_pause_s(vehicle_id)
+                        if pause_s > 0:
+                            await asyncio.sleep(pause_s)
                     continue
                 frame = _parse(link.VehicleFrame, raw)
                 kind = frame.WhichOneof("kind")
@@ -502,7 +504,6 @@ class Servicer:
             session.close(Unavailable("internal error on this stream (logged); reconnect"))
 
 
-SHED_READ_PAUSE_S = 0.1
 #: at most this many queued frames are taken (and their deliveries recorded) at once
 OUTBOX_BATCH = 64
 #: first byte of a serialized VehicleFrame holding `telemetry` (field 4) or `state` (field 5)

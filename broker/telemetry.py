@@ -59,6 +59,9 @@ from enum import Enum, IntEnum
 from typing import NamedTuple, Protocol
 
 _UINT32_MAX = 2**32 - 1
+#: the longest a flooding car's stream is left unread after one batch (its acks and
+#: results queue behind its own flood, so this bounds how late they get per batch)
+MAX_READ_PAUSE_S = 1.0
 
 
 class Level(IntEnum):
@@ -164,13 +167,14 @@ class _Budget:
 
 
 class _Car(_Budget):
-    __slots__ = ("fleet_seq", "sample_seq", "sent_level")
+    __slots__ = ("fleet_seq", "last_bytes", "sample_seq", "sent_level")
 
     def __init__(self, limits: _Limits, now_s: float) -> None:
         super().__init__(limits, now_s)
         self.sample_seq = 0  # position in the car's own 1-in-N cycle
         self.fleet_seq = 0  # position in this car's 1-in-N cycle of the fleet's SAMPLE
         self.sent_level = Level.NORMAL  # the policy level the car was last told
+        self.last_bytes = 0  # size of its latest batch: the next one is likely alike
 
 
 class TelemetryGuard:
@@ -287,6 +291,7 @@ class TelemetryGuard:
             self._tick(car, self._car_limits, now_s, self._eval_interval_s)
         car.window_msgs += 1
         car.window_bytes += size_bytes
+        car.last_bytes = size_bytes
 
         if car.level is Level.SHED:
             return self._drop(Verdict.SHED, size_bytes)
@@ -343,6 +348,26 @@ class TelemetryGuard:
         self._rewatch(vehicle_id, car)
         self.counters.policy_updates += 1
         return verdict, self._policies[level]
+
+    def read_pause_s(self, vehicle_id: str) -> float:
+        """How long to leave this car's stream unread after its latest batch: until its own
+        buckets afford another batch at its level (0 when they do now), at most
+        `MAX_READ_PAUSE_S`.
+
+        A car within its budget is never paused. A car sending faster is read at about its
+        budget's pace; the excess waits in HTTP/2 flow control, so the car's writes slow
+        down and its flood never crowds the event loop that other cars' unlocks share.
+        """
+        car = self._cars.get(vehicle_id)
+        if car is None:
+            return 0.0
+        cost = 1.0 if car.level is Level.NORMAL else self._coalesce_cost
+        limits = self._car_limits
+        wait_s = max(
+            (cost - car.msg_tokens) / limits.msgs_per_s,
+            (cost * car.last_bytes - car.byte_tokens) / limits.bytes_per_s,
+        )
+        return min(MAX_READ_PAUSE_S, wait_s) if wait_s > 0 else 0.0
 
     def _keep(self, car: _Car, cost: float, size_bytes: int) -> Verdict:
         for budget in (car, self._fleet):

@@ -20,7 +20,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.telemetry import Level, TelemetryGuard, TelemetryPolicyValues, Verdict
+from broker.telemetry import (
+    MAX_READ_PAUSE_S,
+    Level,
+    TelemetryGuard,
+    TelemetryPolicyValues,
+    Verdict,
+)
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 
@@ -536,3 +542,23 @@ def test_offer_is_admit_then_policy_update(
         else:
             assert one.take_coalesced() == two.take_coalesced()
         assert one.counters == two.counters
+
+
+def test_a_car_within_budget_is_never_paused_and_a_flooding_one_is_read_at_budget_pace() -> None:
+    guard = make_guard()
+    now = 0.0
+    for _ in range(50):  # one batch a second: within CAR_MSGS per second
+        now += 1.0
+        guard.offer("calm", 100, now)
+        assert guard.read_pause_s("calm") == 0.0
+    paused = []
+    for _ in range(200):  # a flood: a batch every millisecond
+        now += 0.001
+        verdict, _ = guard.offer("flood", 100, now)
+        if verdict is not Verdict.ADMIT:
+            paused.append(guard.read_pause_s("flood"))
+    # Dry buckets pause reading until one batch's worth refills (a 1-in-N sampled batch
+    # costs no tokens, so it may need none), never longer than MAX_READ_PAUSE_S.
+    assert all(0 <= p <= MAX_READ_PAUSE_S for p in paused)
+    assert max(paused) >= 0.25 / CAR_MSGS * 0.9
+    assert guard.read_pause_s("never-seen") == 0.0
