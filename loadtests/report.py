@@ -380,14 +380,16 @@ def _detail(results: dict[str, Any]) -> list[str]:
         out += [
             "### Offline drain (row 5)",
             "",
-            "| system | drain s | delivered | CPU % client / server | acked before kill | "
-            "recovered | lost |",
-            "|---|--:|--:|--:|--:|--:|--:|",
+            "| system | drain s (all received) | all results recorded s | delivered "
+            "| CPU % client / server | acked before kill | recovered | lost |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for d in (drain["ceiling"], drain["ours"]):
             cpu = d["drain_cpu_pct"]
+            recorded = d.get("results_recorded_s") or "-"
             out.append(
-                f"| {d['system']} | {d['drain_s']} | {d['delivered']} | {cpu['client']} / "
+                f"| {d['system']} | {d['drain_s']} | {recorded} | {d['delivered']} | "
+                f"{cpu['client']} / "
                 f"{cpu['server']} | {d['acked_before_kill']} | {d['recovered_after_kill']} | "
                 f"{d['lost']} |"
             )
