@@ -278,34 +278,40 @@ class Servicer:
             raise InvalidArgument(
                 f"a batch holds 1 to {self._config.max_batch} commands, not {count}"
             )
-        items: list[svc.SendCommandsItem] = [svc.SendCommandsItem() for _ in range(count)]
-        valid: list[tuple[int, NewCommand]] = []
-        for index, sub in enumerate(request.commands):
+        # Items are built in place in the reply (a list handed to the constructor would be
+        # copied item by item).
+        response = svc.SendCommandsResponse()
+        items = response.items
+        valid: list[tuple[Any, NewCommand]] = []
+        take_quota = self._admission.take_critical_quota
+        for sub in request.commands:
+            slot = items.add()
             try:
                 if sub.wait != svc.WAIT_NONE:
                     raise InvalidArgument("wait modes are not allowed in a batch; use SendCommand")
                 item = self._new_command(sub, principal)
                 self._check_queue_budget(item.lane)
                 if item.lane == t.CRITICAL:
-                    self._admission.take_critical_quota(item.vehicle_id)
-                valid.append((index, item))
+                    take_quota(item.vehicle_id)
+                valid.append((slot, item))
             except BrokerError as exc:
-                items[index].error.code = exc.status.name
-                items[index].error.message = exc.message
+                slot.error.code = exc.status.name
+                slot.error.message = exc.message
         if not valid:
-            return svc.SendCommandsResponse(items=items)
+            return response
         # One durable write, admitted once, in the highest lane it carries.
         async with self._admission.slot(max(item.lane for _, item in valid)):
             results = await self._dispatcher.submit([item for _, item in valid])
-        for (index, _), result in zip(valid, results, strict=True):
+        for (slot, _), result in zip(valid, results, strict=True):
             if isinstance(result, BrokerError):
-                items[index].error.code = result.status.name
-                items[index].error.message = result.message
+                slot.error.code = result.status.name
+                slot.error.message = result.message
             else:
-                items[index].accepted.command.CopyFrom(result.command)
-                items[index].accepted.command.ClearField("payload")  # keep replies small
-                items[index].accepted.deduplicated = result.deduplicated
-        return svc.SendCommandsResponse(items=items)
+                accepted = slot.accepted
+                accepted.command.CopyFrom(result.command)
+                accepted.command.ClearField("payload")  # keep replies small
+                accepted.deduplicated = result.deduplicated
+        return response
 
     # Reads are admitted like commands (polling floods are shed before they can delay
     # an unlock's durable write): single reads on the interactive lane, listings on bulk.
