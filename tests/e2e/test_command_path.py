@@ -281,6 +281,10 @@ async def test_car_acks_only_commands_whose_result_is_not_ready_at_once(
     acked = await _status_of(running, slow_sent.command.command_id, t.ACKED)
     release.set()
     done = await _status_of(running, slow_sent.command.command_id, t.SUCCEEDED)
+    for _ in range(200):  # the watch stream may trail the store by a moment
+        if seen.get(slow_sent.command.command_id, [])[-1:] == [t.SUCCEEDED]:
+            break
+        await asyncio.sleep(0.01)
     watcher.cancel()
     await asyncio.gather(watcher, return_exceptions=True)
     assert quick.command.status == t.SUCCEEDED
