@@ -60,6 +60,11 @@ class Dispatcher:
         self._config = config
         self._queues: dict[str, _VehicleQueue] = {}
         self._to_load: dict[str, _VehicleQueue] = {}
+        #: commands of connected cars being created, by vehicle: those promised a window
+        #: slot (created DELIVERED) and those that will queue; a later command may take
+        #: the fast path only when none of the second kind is ahead of it (FIFO)
+        self._reserved: dict[str, int] = {}
+        self._queueing: dict[str, int] = {}
 
     @property
     def queues_in_memory(self) -> int:
@@ -83,18 +88,62 @@ class Dispatcher:
     async def submit(self, items: Sequence[NewCommand]) -> list[Created | BrokerError]:
         """Durably enqueue commands, then dispatch those whose car is online.
 
+        A command for a connected car with a free window slot and nothing queued ahead is
+        created DELIVERED and written to the car right after the commit: one durable
+        write instead of two (the frame still goes out only after its record is on disk).
+
         The in-memory side is taken up in a callback of the store write, so a caller
         cancelled during the fsync cannot strand a command that did commit.
         """
-        online = {item.vehicle_id for item in items if item.vehicle_id in self._sessions}
-        write = self._store.create(items, online=online, now_ms=now_ms())
-        write.add_done_callback(self._created)
+        sessions = self._sessions
+        online = {item.vehicle_id for item in items if item.vehicle_id in sessions}
+        deliver: dict[int, int] = {}
+        counted: list[tuple[dict[str, int], str]] = []
+        for index, item in enumerate(items):
+            vehicle_id = item.vehicle_id
+            if vehicle_id not in online:
+                continue
+            if self._has_free_slot(vehicle_id):
+                timeout_s = self._config.policy(item.name).result_timeout_s
+                deliver[index] = int(timeout_s * 1000)
+                counter = self._reserved
+            else:
+                counter = self._queueing
+            counter[vehicle_id] = counter.get(vehicle_id, 0) + 1
+            counted.append((counter, vehicle_id))
+        write = self._store.create(items, online=online, now_ms=now_ms(), deliver=deliver)
+        write.add_done_callback(lambda done: self._created(done, counted))
         return await asyncio.shield(write)
 
-    def _created(self, write: asyncio.Future[list[Created | BrokerError]]) -> None:
-        if write.cancelled() or write.exception() is not None:
-            return
+    def _has_free_slot(self, vehicle_id: str) -> bool:
+        if self._queueing.get(vehicle_id):
+            return False  # an earlier command of this car is on its way to the queue
+        queue = self._queues.get(vehicle_id)
+        busy = self._reserved.get(vehicle_id, 0)
+        if queue is not None:
+            if queue.loading or queue.heap:
+                return False  # loading, or others wait ahead of it: the normal path
+            busy += len(queue.in_flight)
+        return busy < self._config.window
+
+    def _created(
+        self,
+        write: asyncio.Future[list[Created | BrokerError]],
+        counted: Sequence[tuple[dict[str, int], str]],
+    ) -> None:
         touched = set()
+        for counter, vehicle_id in counted:
+            left = counter[vehicle_id] - 1
+            if left:
+                counter[vehicle_id] = left
+            else:
+                del counter[vehicle_id]
+            touched.add(vehicle_id)  # a slot promised and not used is free again
+        if write.cancelled() or write.exception() is not None:
+            for vehicle_id in touched:
+                self._pump(vehicle_id)
+            return
+        stranded = []
         for result in write.result():
             if isinstance(result, BrokerError) or result.deduplicated:
                 continue
@@ -103,17 +152,26 @@ class Dispatcher:
             command = result.command
             self._events.publish(command)
             vehicle_id = command.vehicle_id
+            session = self._sessions.get(vehicle_id)
             queue = self._queues.get(vehicle_id)
             if queue is None:
-                if vehicle_id not in self._sessions:
+                if session is None:
+                    if command.status == t.DELIVERED:
+                        stranded.append(command.command_id)  # the car went meanwhile
                     continue  # parked: it stays on disk until the car connects
                 # Connected, loaded, and had nothing pending (its empty queue was dropped).
                 queue = self._queues[vehicle_id] = _VehicleQueue()
             queue.commands[command.command_id] = command
-            queue.push(command)
-            touched.add(vehicle_id)
+            if command.status == t.DELIVERED and session is not None and not queue.loading:
+                queue.in_flight.add(command.command_id)
+                session.send_recorded(_command_frame(command, command.attempt))
+            else:  # a loading queue sends it with the rest (the load sees it DELIVERED)
+                queue.push(command)
+                touched.add(vehicle_id)
         for vehicle_id in touched:
             self._pump(vehicle_id)
+        if stranded:
+            self._record(self._store.requeue(stranded, now_ms=now_ms()))
 
     async def cancel(self, command_id: str) -> Any:
         write = self._store.cancel(command_id, now_ms=now_ms())
@@ -308,7 +366,7 @@ class Dispatcher:
         queue = self._queues.get(vehicle_id)
         if session is None or queue is None or queue.loading:
             return
-        window = self._config.window
+        window = self._config.window - self._reserved.get(vehicle_id, 0)
         now = now_ms()
         while queue.heap and len(queue.in_flight) < window:
             _, _, command_id = heapq.heappop(queue.heap)
@@ -318,18 +376,7 @@ class Dispatcher:
             if command.expires_at_ms <= now:
                 continue  # the timer sweep marks it EXPIRED / UNKNOWN
             queue.in_flight.add(command_id)
-            session.send(
-                link.BrokerFrame(
-                    command=link.CommandFrame(
-                        command_id=command_id,
-                        name=command.name,
-                        payload=command.payload,
-                        attempt=command.attempt + 1,
-                        expires_at_ms=command.expires_at_ms,
-                        issued_at_ms=command.created_at_ms,
-                    )
-                )
-            )
+            session.send(_command_frame(command, command.attempt + 1))
 
     def _apply(self, command: Any) -> None:
         """Take in a recorded change: update memory, wake waiters, refill the window."""
@@ -363,6 +410,19 @@ class Dispatcher:
                 self._apply(command)
 
         write.add_done_callback(done)
+
+
+def _command_frame(command: Any, attempt: int) -> Any:
+    return link.BrokerFrame(
+        command=link.CommandFrame(
+            command_id=command.command_id,
+            name=command.name,
+            payload=command.payload,
+            attempt=attempt,
+            expires_at_ms=command.expires_at_ms,
+            issued_at_ms=command.created_at_ms,
+        )
+    )
 
 
 def _as_list(outcome: Any) -> Iterable[Any]:

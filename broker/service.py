@@ -452,12 +452,18 @@ class Servicer:
             # The commands among them are recorded as delivered in one durable write; every
             # frame keeps its place in the stream's order.
             commands = [f.command for f in frames if f is not CLOSE and f.HasField("command")]
-            sendable = await self._dispatcher.deliver(session, commands) if commands else ()
+            recorded = session.recorded or set()  # created DELIVERED: nothing to record
+            to_record = [c for c in commands if c.command_id not in recorded]
+            sendable = await self._dispatcher.deliver(session, to_record) if to_record else ()
             for frame in frames:
                 if frame is CLOSE:
                     return
-                if frame.HasField("command") and frame.command.command_id not in sendable:
-                    continue  # canceled, superseded or expired meanwhile, or stream closing
+                if frame.HasField("command"):
+                    command_id = frame.command.command_id
+                    if command_id in recorded:
+                        recorded.discard(command_id)
+                    elif command_id not in sendable:
+                        continue  # canceled, superseded or expired meanwhile, or closing
                 await context.write(frame)
 
     async def _read_frames(self, context: Context, session: Session) -> None:

@@ -56,6 +56,7 @@ class Session:
         "closed",
         "connected_since_ms",
         "outbox",
+        "recorded",
         "session_id",
         "vehicle_id",
     )
@@ -68,9 +69,20 @@ class Session:
         #: Why the stream ended; None for a clean end (the car hung up).
         self.close_error: BrokerError | None = None
         self.closed = False
+        #: ids of queued command frames whose delivery is already recorded (created
+        #: DELIVERED): the writer sends them without recording them again
+        self.recorded: set[str] | None = None
 
     def send(self, frame: Any) -> None:
         if not self.closed:
+            self.outbox.put(frame)
+
+    def send_recorded(self, frame: Any) -> None:
+        """Queue a command frame whose delivery the store has recorded already."""
+        if not self.closed:
+            if self.recorded is None:
+                self.recorded = set()
+            self.recorded.add(frame.command.command_id)
             self.outbox.put(frame)
 
     def close(self, error: BrokerError | None = None) -> None:

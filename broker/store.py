@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import IO, Any, NamedTuple
 
 import lmdb
@@ -48,6 +49,7 @@ from broker_ext import codec
 TERMINAL = frozenset({t.SUCCEEDED, t.FAILED, t.EXPIRED, t.CANCELED, t.SUPERSEDED, t.UNKNOWN})
 NOT_YET_SENT = frozenset({t.ACCEPTED, t.QUEUED})
 _SEQ_KEY = b"seq"
+_NOTHING: Mapping[int, int] = MappingProxyType({})
 _SCHEMA_KEY = b"schema"
 #: 2: the `pending` index exists (a folder written before it gets it built on open)
 _SCHEMA = 2
@@ -201,19 +203,28 @@ class Store:
     # -- commands ----------------------------------------------------------------------
 
     def create(
-        self, items: Sequence[NewCommand], *, online: Container[str], now_ms: int
+        self,
+        items: Sequence[NewCommand],
+        *,
+        online: Container[str],
+        now_ms: int,
+        deliver: Mapping[int, int] = _NOTHING,
     ) -> asyncio.Future[list[Created | BrokerError]]:
         """Enqueue commands in one write; per-item errors come back in place of a result.
 
         A command for a vehicle in `online` starts ACCEPTED (about to be sent), else QUEUED.
+        `deliver` maps item positions to result timeouts (ms): those start DELIVERED, as if
+        `mark_delivered` had run in the same transaction (the caller writes them to the car
+        right after the commit, saving a second durable write).
         """
 
         def op(txn: Any) -> list[Created | BrokerError]:
             out: list[Created | BrokerError] = []
-            for item in items:
+            for index, item in enumerate(items):
                 status = t.ACCEPTED if item.vehicle_id in online else t.QUEUED
                 try:
-                    out.append(self._create_one(txn, item, status, now_ms))
+                    timeout_ms = deliver.get(index)
+                    out.append(self._create_one(txn, item, status, now_ms, timeout_ms))
                 except BrokerError as exc:
                     out.append(exc)
             txn.put(_SEQ_KEY, self._seq.to_bytes(8, "big"), db=self._meta)
@@ -221,7 +232,14 @@ class Store:
 
         return self._writer.submit(op)
 
-    def _create_one(self, txn: Any, item: NewCommand, status: int, now_ms: int) -> Created:
+    def _create_one(
+        self,
+        txn: Any,
+        item: NewCommand,
+        status: int,
+        now_ms: int,
+        result_timeout_ms: int | None = None,
+    ) -> Created:
         if item.idempotency_key:
             earlier_id = txn.get(
                 _idem_key(item.idempotency_scope, item.idempotency_key), db=self._idem
@@ -257,6 +275,11 @@ class Store:
             coalesce_key=item.coalesce_key,
             seq=self._seq,
         )
+        if result_timeout_ms is not None:
+            command.status = t.DELIVERED
+            command.attempt = 1
+            command.delivered_at_ms = now_ms
+            command.result_deadline_ms = now_ms + result_timeout_ms
         superseded: tuple[Any, ...] = ()
         if item.coalesce_key:
             ckey = codec.coalesce_key(item.vehicle_id, item.coalesce_key)

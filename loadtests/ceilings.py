@@ -73,7 +73,7 @@ CLIENT_READY = "ready"
 SEND_COMMAND = "/broker.v1.CommandService/SendCommand"
 CONNECT = "/broker.v1.VehicleLink/Connect"
 COMMAND = "unlock"
-OK_STATUSES = {"result": {t.SUCCEEDED}, "none": {t.ACCEPTED, t.QUEUED}}
+OK_STATUSES = {"result": {t.SUCCEEDED}, "none": {t.ACCEPTED, t.QUEUED, t.DELIVERED}}
 
 
 # -- the bare server ---------------------------------------------------------------------------

@@ -1041,3 +1041,20 @@ async def test_idempotency_keys_are_per_caller(store: Store) -> None:
     assert isinstance(again, Created)
     assert other.command.command_id != first.command.command_id and not other.deduplicated
     assert again.command.command_id == first.command.command_id and again.deduplicated
+
+
+async def test_create_can_record_delivery_in_the_same_write(open_store: OpenStore) -> None:
+    store = await open_store()
+    (created,) = await store.create(
+        [new(ttl_ms=60_000)], online={"car-1"}, now_ms=T0, deliver={0: 5_000}
+    )
+    assert isinstance(created, Created)
+    command = created.command
+    assert (command.status, command.attempt) == (t.DELIVERED, 1)
+    assert (command.delivered_at_ms, command.result_deadline_ms) == (T0, T0 + 5_000)
+    state = await dump(store)
+    assert state.timers == [(T0 + 5_000, command.command_id)]  # the result deadline
+    assert list(state.pending.values()) == [command.command_id]
+    # No result before the deadline: UNKNOWN, as for any delivered command.
+    changed, _ = await store.fire_timers(now_ms=T0 + 5_000)
+    assert [(c.command_id, c.status) for c in changed] == [(command.command_id, t.UNKNOWN)]

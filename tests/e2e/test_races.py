@@ -204,3 +204,42 @@ async def test_parked_cars_hold_no_memory_and_connecting_ones_get_everything_onc
         await agent.stop()
     await asyncio.gather(*tasks, return_exceptions=True)
     assert dispatcher.queues_in_memory == 0
+
+
+async def test_commands_delivered_at_creation_keep_the_window_and_fifo(running: Running) -> None:
+    """Commands to a connected car are created DELIVERED while its window has room (one
+    durable write); a burst still never exceeds the window and runs in enqueue order."""
+    client = running.client()
+    dispatcher = running.broker.dispatcher
+    window = running.broker.config.window
+
+    async def slow(payload: bytes) -> bool:
+        await asyncio.sleep(0.01)
+        return True
+
+    agent = await _agent(running, "race-window", climate=slow)
+    most_in_flight = 0
+    sampling = True
+
+    async def sample() -> None:
+        nonlocal most_in_flight
+        while sampling:
+            queue = dispatcher._queues.get("race-window")
+            if queue is not None:
+                most_in_flight = max(most_in_flight, len(queue.in_flight))
+            await asyncio.sleep(0)
+
+    sampler = asyncio.create_task(sample())
+    replies = await asyncio.gather(
+        *(client.send_command("race-window", "climate", {"n": n}) for n in range(12))
+    )
+    by_seq = [r.command.command_id for r in sorted(replies, key=lambda r: r.command.seq)]
+    for command_id in by_seq:
+        assert (await _settled(running, command_id)).status == t.SUCCEEDED
+    sampling = False
+    await sampler
+    assert agent.executed == by_seq  # FIFO, each once
+    assert 0 < most_in_flight <= window
+    first = min((r.command for r in replies), key=lambda c: c.seq)
+    assert first.status == t.DELIVERED and first.attempt == 1  # created delivered
+    assert any(r.command.status == t.ACCEPTED for r in replies)  # the rest queued first
