@@ -96,7 +96,11 @@ class Dispatcher:
         cancelled during the fsync cannot strand a command that did commit.
         """
         sessions = self._sessions
-        online = {item.vehicle_id for item in items if item.vehicle_id in sessions}
+        online = {
+            item.vehicle_id
+            for item in items
+            if (session := sessions.get(item.vehicle_id)) is not None and not session.closed
+        }
         deliver: dict[int, int] = {}
         counted: list[tuple[dict[str, int], str]] = []
         for index, item in enumerate(items):
@@ -208,18 +212,21 @@ class Dispatcher:
         def loaded(future: asyncio.Future[dict[str, list[Any]]]) -> None:
             failed = future.cancelled() or future.exception() is not None
             if failed:
-                logger.error("loading queued commands failed: %s", future.exception())
+                why = "cancelled" if future.cancelled() else future.exception()
+                logger.error("loading queued commands failed: %s", why)
             for vehicle_id, queue in batch.items():
                 if self._queues.get(vehicle_id) is not queue:
                     continue  # disconnected meanwhile: a later connect loads again
                 queue.loading = False
-                if failed:
+                if failed:  # forget the queue, so the car's next stream loads it again
+                    del self._queues[vehicle_id]
                     session = self._sessions.get(vehicle_id)
                     if session is not None:
                         session.close(Unavailable("could not load this car's queue; reconnect"))
                     continue
                 for command in future.result().get(vehicle_id, ()):
-                    # Changes committed after the load were applied to `queue` already.
+                    # The load's records are as of its turn in the writer, after every
+                    # earlier write; a command created meanwhile is in `queue` already.
                     if command.command_id not in queue.commands:
                         queue.commands[command.command_id] = command
                         if command.status == t.ACKED:

@@ -180,13 +180,15 @@ class Broker:
 
     async def _flush_once(self, *, sweep: bool) -> None:
         received_ms = now_ms()
-        for turn, (vehicle_id, signals) in enumerate(self.telemetry.take_coalesced().items()):
-            try:
-                self.states.report(vehicle_id, signals, received_ms)
-            except BrokerError as exc:
-                logger.warning("dropped coalesced telemetry of %s: %s", vehicle_id, exc.message)
-            if turn % FLUSH_SLICE == FLUSH_SLICE - 1:
-                await asyncio.sleep(0)  # let unlocks through between slices of the fleet
+        # A slice of cars at a time, taken as applied: a car that goes between slices
+        # takes its own buffer with it (see `_release`), so nothing is lost.
+        for _ in range(0, self.telemetry.coalescing_cars, FLUSH_SLICE):
+            for vehicle_id, signals in self.telemetry.take_coalesced(FLUSH_SLICE).items():
+                try:
+                    self.states.report(vehicle_id, signals, received_ms)
+                except BrokerError as exc:
+                    logger.warning("dropped coalesced telemetry of %s: %s", vehicle_id, exc.message)
+            await asyncio.sleep(0)  # let unlocks through between slices of the fleet
         if sweep:
             for vehicle_id, policy in self.telemetry.sweep(time.monotonic()):
                 session = self.sessions.get(vehicle_id)

@@ -464,6 +464,8 @@ class Servicer:
                         recorded.discard(command_id)
                     elif command_id not in sendable:
                         continue  # canceled, superseded or expired meanwhile, or closing
+                    if frame.command.expires_at_ms <= now_ms():
+                        continue  # a slow write held it past its TTL: never on the wire
                 await context.write(frame)
 
     async def _read_frames(self, context: Context, session: Session) -> None:

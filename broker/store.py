@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,8 @@ from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker.writer import Writer
 from broker_ext import codec
+
+logger = logging.getLogger(__name__)
 
 TERMINAL = frozenset({t.SUCCEEDED, t.FAILED, t.EXPIRED, t.CANCELED, t.SUPERSEDED, t.UNKNOWN})
 NOT_YET_SENT = frozenset({t.ACCEPTED, t.QUEUED})
@@ -142,23 +145,22 @@ class Store:
         except lmdb.Error as exc:
             self._lock_file.close()
             raise StoreUnavailable(f"cannot open the store in {path}: {exc}") from None
-        # Named databases must be opened in a write transaction; this one is short and
-        # runs before the writer thread exists.
-        with self._env.begin(write=True) as txn:
-            open_db = self._env.open_db
-            self._commands = open_db(b"commands", txn=txn)
-            self._by_vehicle = open_db(b"by_vehicle", txn=txn)
-            self._timers = open_db(b"timers", txn=txn)
-            self._idem = open_db(b"idem", txn=txn)
-            self._coalesce = open_db(b"coalesce", txn=txn)
-            self._states = open_db(b"states", txn=txn)
-            self._meta = open_db(b"meta", txn=txn)
-            self._pending = open_db(b"pending", txn=txn)
-            raw_seq = txn.get(_SEQ_KEY, db=self._meta)
-            if txn.get(_SCHEMA_KEY, db=self._meta) is None:
-                self._build_pending_index(txn)
-                txn.put(_SCHEMA_KEY, _SCHEMA.to_bytes(2, "big"), db=self._meta)
-            self._pending_count = int(txn.stat(self._pending)["entries"])
+        # Named databases must be opened in a write transaction; this one runs before the
+        # writer thread exists, so it grows the map itself (an older folder's first open
+        # builds the pending index, which may not fit the configured map).
+        while True:
+            try:
+                raw_seq = self._open_dbs()
+                break
+            except lmdb.MapFullError:
+                size = int(self._env.info()["map_size"])
+                if size >= map_size_max:
+                    self._env.close()
+                    self._lock_file.close()
+                    raise StoreUnavailable(
+                        f"the store in {path} needs more than map_size_max_mb to open"
+                    ) from None
+                self._env.set_mapsize(min(size * 2, map_size_max))
         self._seq = int.from_bytes(raw_seq, "big") if raw_seq else 0
         self._retention_ms = retention_ms
         self._idempotency_window_ms = idempotency_window_ms
@@ -181,8 +183,30 @@ class Store:
 
     def _count_pending(self) -> None:
         # On the writer thread after each commit: O(1), LMDB keeps the count.
-        with self._env.begin(db=self._pending) as txn:
+        try:
+            with self._env.begin(db=self._pending) as txn:
+                self._pending_count = int(txn.stat(self._pending)["entries"])
+        except lmdb.Error as exc:  # the commit stands; only the gauge is stale
+            logger.warning("could not count pending commands: %s", exc)
+
+    def _open_dbs(self) -> bytes | None:
+        """Open the named databases (migrating an older layout); the stored sequence."""
+        with self._env.begin(write=True) as txn:
+            open_db = self._env.open_db
+            self._commands = open_db(b"commands", txn=txn)
+            self._by_vehicle = open_db(b"by_vehicle", txn=txn)
+            self._timers = open_db(b"timers", txn=txn)
+            self._idem = open_db(b"idem", txn=txn)
+            self._coalesce = open_db(b"coalesce", txn=txn)
+            self._states = open_db(b"states", txn=txn)
+            self._meta = open_db(b"meta", txn=txn)
+            self._pending = open_db(b"pending", txn=txn)
+            raw_seq: bytes | None = txn.get(_SEQ_KEY, db=self._meta)
+            if txn.get(_SCHEMA_KEY, db=self._meta) is None:
+                self._build_pending_index(txn)
+                txn.put(_SCHEMA_KEY, _SCHEMA.to_bytes(2, "big"), db=self._meta)
             self._pending_count = int(txn.stat(self._pending)["entries"])
+        return raw_seq
 
     def _build_pending_index(self, txn: Any) -> None:
         """Schema 1 -> 2: index every non-terminal command (once, on the first open)."""

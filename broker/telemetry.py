@@ -52,6 +52,7 @@ and elsewhere: `welcome_policy` for the Welcome frame, `take_coalesced` in the s
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -419,12 +420,18 @@ class TelemetryGuard:
             if stamp >= held[0]:
                 buffer[name] = (stamp, signal)
 
-    def take_coalesced(self) -> dict[str, list[SignalLike]]:
-        """Hand over and clear every car's buffer: vehicle_id -> latest signals, to apply now."""
-        pending, self._coalesced = self._coalesced, {}
+    def take_coalesced(self, limit: int | None = None) -> dict[str, list[SignalLike]]:
+        """Hand over and clear the buffers of up to `limit` cars (all by default), oldest
+        first: vehicle_id -> latest signals, to apply now. A car not taken yet keeps its
+        buffer, so `forget` still returns it if the car goes meanwhile."""
+        coalesced = self._coalesced
+        if limit is None or limit >= len(coalesced):
+            taken, self._coalesced = coalesced, {}
+        else:
+            taken = {v: coalesced.pop(v) for v in list(itertools.islice(coalesced, limit))}
         return {
             vehicle_id: [signal for _, signal in buffer.values()]
-            for vehicle_id, buffer in pending.items()
+            for vehicle_id, buffer in taken.items()
             if buffer
         }
 
@@ -485,6 +492,11 @@ class TelemetryGuard:
         return updates
 
     # -- lifecycle and read-outs -------------------------------------------------------------
+
+    @property
+    def coalescing_cars(self) -> int:
+        """Cars with coalesced signals waiting for a flush."""
+        return len(self._coalesced)
 
     def forget(self, vehicle_id: str) -> list[SignalLike]:
         """The car's stream ended: drop its state; returns its coalesced signals not yet applied.

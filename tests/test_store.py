@@ -1058,3 +1058,21 @@ async def test_create_can_record_delivery_in_the_same_write(open_store: OpenStor
     # No result before the deadline: UNKNOWN, as for any delivered command.
     changed, _ = await store.fire_timers(now_ms=T0 + 5_000)
     assert [(c.command_id, c.status) for c in changed] == [(command.command_id, t.UNKNOWN)]
+
+
+async def test_an_older_folder_larger_than_the_configured_map_still_opens(
+    open_store: OpenStore,
+) -> None:
+    sizes = {"map_size": 64 << 10, "map_size_max": 64 << 20, "fsync": False}
+    store = await open_store(**sizes)
+    for batch in range(10):
+        items = [new(f"car-{i % 7}", payload=bytes(300)) for i in range(50)]
+        await store.create(items, online=(), now_ms=T0 + batch)
+
+    def downgrade(txn: Any) -> None:  # a schema-1 folder: no pending index yet
+        txn.drop(store._pending, delete=False)
+        txn.delete(b"schema", db=store._meta)
+
+    await store.writer.submit(downgrade)
+    store = await open_store(**sizes)  # the index no longer fits the configured 64 KiB
+    assert store.pending == 500

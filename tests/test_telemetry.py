@@ -562,3 +562,14 @@ def test_a_car_within_budget_is_never_paused_and_a_flooding_one_is_read_at_budge
     assert all(0 <= p <= MAX_READ_PAUSE_S for p in paused)
     assert max(paused) >= 0.25 / CAR_MSGS * 0.9
     assert guard.read_pause_s("never-seen") == 0.0
+
+
+def test_coalesced_buffers_are_taken_a_slice_at_a_time_and_a_car_going_keeps_its_own() -> None:
+    guard = make_guard()
+    for n in range(3):
+        guard.coalesce(f"car-{n}", [_signal("speed", n, 100 + n)], 1_000 + n)
+    assert guard.coalescing_cars == 3
+    first = guard.take_coalesced(2)
+    assert list(first) == ["car-0", "car-1"]  # oldest first
+    assert [s.value.number for s in guard.forget("car-2")] == [2]  # not taken: its own
+    assert guard.take_coalesced() == {} and guard.coalescing_cars == 0
