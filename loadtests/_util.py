@@ -372,13 +372,20 @@ async def run_cars(target: str, count: int, prefix: str, connect_timeout_s: floa
         }
         print(json.dumps(summary), flush=True)
     finally:
-        for agent in agents:
-            await agent.stop()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for channel in channels:
-            await channel.close()
+        await stop_agents(agents, tasks, channels)
+
+
+async def stop_agents(
+    agents: Sequence[Any], tasks: Sequence[asyncio.Task[Any]], channels: Sequence[Any] = ()
+) -> None:
+    """Stop simulated cars: each agent, then its run() task, then the shared channels."""
+    for agent in agents:
+        await agent.stop()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for channel in channels:
+        await channel.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

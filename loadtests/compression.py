@@ -29,7 +29,7 @@ import grpc
 from broker.clock import now_ms
 from broker.v1 import vehicle_link_pb2 as link
 from broker.vehicle import VehicleAgent, signals
-from loadtests._util import WIDE_OPEN, cpu_seconds
+from loadtests._util import WIDE_OPEN, cpu_seconds, stop_agents
 from loadtests.broker_process import BrokerProcess
 
 SETTINGS = {"off": None, "gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate}
@@ -68,11 +68,7 @@ async def run_setting(
         elapsed = time.monotonic() - started
         cpu_after = cpu_seconds(broker.pid)
     finally:
-        for agent in agents:
-            await agent.stop()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_agents(agents, tasks)
         await broker.astop()
     frame = link.VehicleFrame(
         telemetry=link.TelemetryBatch(signals=signals(batch_values(rng, count), now_ms()))

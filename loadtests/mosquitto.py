@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtests._util import UNTHROTTLED, cpu_seconds
+from loadtests._util import UNTHROTTLED, cpu_seconds, stop_agents
 from loadtests.broker_process import LOOPBACK, PROJECT_ROOT, BrokerProcess
 
 OUT = PROJECT_ROOT / "bench-out" / "mosquitto.json"
@@ -458,13 +458,7 @@ async def _drain(
             break
     recorded_s = time.perf_counter() - started
     executed = [cid for agent in agents for cid in agent.executed]
-    for agent in agents:
-        await agent.stop()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for channel in channels:
-        await channel.close()
+    await stop_agents(agents, tasks, channels)
     return {
         "seconds": round(elapsed, 3) if done else None,
         "results_recorded_s": round(recorded_s, 3) if succeeded >= len(expected) else None,

@@ -30,7 +30,7 @@ from typing import Any
 from broker.client import BrokerClient, build_request
 from broker.server import install_event_loop_policy
 from broker.vehicle import VehicleAgent
-from loadtests._util import UNTHROTTLED
+from loadtests._util import UNTHROTTLED, stop_agents
 from loadtests.broker_process import BrokerProcess, status_kb
 
 BATCH = 512
@@ -69,9 +69,7 @@ async def drain_one(target: str, vehicle_id: str, expected: int) -> float:
         await asyncio.wait_for(done.wait(), 60)
         return time.perf_counter() - started
     finally:
-        await agent.stop()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await stop_agents([agent], [task])
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
