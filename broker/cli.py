@@ -224,9 +224,15 @@ def _serve(args: argparse.Namespace) -> int:
     async def serve() -> int:
         # Handlers first: whoever waits for the ready line may signal right after it.
         stop = asyncio.Event()
+        received: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            stop.set()
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal, signum)
         instance = Broker(config)
         port = await instance.start()
         host = config.listen.rpartition(":")[0]
@@ -243,7 +249,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
         await stop.wait()
         logger.info("shutting down")
-        await instance.stop()
+        # SIGTERM (an orchestrator) gets the drain delay; Ctrl-C (a person) does not.
+        await instance.stop(drain_delay_s=0 if received[0] == signal.SIGINT else None)
         return 0
 
     return asyncio.run(serve())

@@ -5,6 +5,15 @@
         print(reply.command.status)
 
 Failures raise `BrokerRpcError`, whose `code` is the gRPC status name.
+
+Retries are safe by default. Every send carries an idempotency key (one is generated per
+logical send unless the caller gives one), so the SDK retries a send that failed in
+transit — UNAVAILABLE (the broker restarting, a connection lost), with the broker's
+pushback hint or a jittered backoff — until the call's timeout, and the broker answers a
+retry that reaches a command it already has with that command (`deduplicated`), never a
+second one. A call that still fails with UNAVAILABLE or DEADLINE_EXCEEDED may have been
+accepted: send again with the same `idempotency_key` (within the broker's idempotency
+window, 24 h by default) to learn what became of it.
 """
 
 from __future__ import annotations
@@ -12,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -85,18 +96,20 @@ class BrokerClient:
         token: str | None = None,
         channel: grpc.aio.Channel | None = None,
         timeout_s: float = 30.0,
-        max_pushback_retries: int = 3,
+        max_retries: int = 8,
     ) -> None:
-        """`max_pushback_retries`: how often a call refused with UNAVAILABLE and a pushback
-        hint is retried after the hinted delay (0 disables). Retries are safe: the broker
-        sends that hint only with refusals made before anything was written."""
+        """`max_retries`: how often a call that failed with UNAVAILABLE is retried, after
+        the broker's pushback hint or a jittered backoff, within its timeout (0
+        disables). Safe: reads change nothing, sends carry an idempotency key."""
         self._channel = channel or grpc.aio.insecure_channel(target)
         self._owns_channel = channel is None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout_s = timeout_s
-        self._max_pushback_retries = max_pushback_retries
-        #: calls refused with a pushback hint, and retries made because of one
+        self._max_retries = max_retries
+        #: calls refused with a pushback hint
         self.pushbacks = 0
+        #: retries made (after a pushback hint or a failure in transit)
+        self.retries = 0
 
     async def __aenter__(self) -> BrokerClient:
         return self
@@ -125,13 +138,17 @@ class BrokerClient:
                 )
             except grpc.aio.AioRpcError as error:
                 refusal = _rpc_error(error)
-            if refusal.code != "UNAVAILABLE" or refusal.retry_after_ms is None:
+            if refusal.code != "UNAVAILABLE":
                 raise refusal
-            self.pushbacks += 1
-            delay_s = refusal.retry_after_ms / 1000
-            if retries >= self._max_pushback_retries or time.monotonic() + delay_s >= deadline:
+            if refusal.retry_after_ms is not None:
+                self.pushbacks += 1
+                delay_s = refusal.retry_after_ms / 1000
+            else:  # lost in transit: back off (full jitter), the broker may be restarting
+                delay_s = random.uniform(0, min(2.0, 0.1 * 2**retries))
+            if retries >= self._max_retries or time.monotonic() + delay_s >= deadline:
                 raise refusal
             retries += 1
+            self.retries += 1
             await asyncio.sleep(delay_s)
 
     async def send_command(
@@ -147,18 +164,24 @@ class BrokerClient:
         wait: str = "none",
         timeout_s: float | None = None,
     ) -> Any:
-        """Send one command; with `wait`, return the status reached within `timeout_s`."""
+        """Send one command; with `wait`, return the status reached within `timeout_s`.
+
+        Without an `idempotency_key` one is generated (see the module docstring)."""
         request = build_request(
             vehicle_id, name, payload, lane=lane, ttl_s=ttl_s,
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency_key or new_idempotency_key(),
             coalesce_key=coalesce_key, wait=wait, timeout_s=timeout_s,
         )  # fmt: skip
         rpc_timeout = (timeout_s or 30.0) + self._timeout_s if wait != "none" else None
         return await self._unary("SendCommand", request, svc.SendCommandResponse, rpc_timeout)
 
     async def send_commands(self, requests: Iterable[Any]) -> Any:
-        """Send a batch of `SendCommandRequest`s (see `build_request`) in one durable write."""
+        """Send a batch of `SendCommandRequest`s (see `build_request`) in one durable write;
+        an item without an idempotency key gets one generated (a copy; yours is untouched)."""
         batch = svc.SendCommandsRequest(commands=list(requests))
+        for item in batch.commands:
+            if not item.idempotency_key:
+                item.idempotency_key = new_idempotency_key()
         return await self._unary("SendCommands", batch, svc.SendCommandsResponse)
 
     async def get_command(self, command_id: str) -> Any:
@@ -236,6 +259,11 @@ def build_request(
         wait=WAIT_MODES[wait],
         wait_timeout_ms=_whole_ms(timeout_s),
     )
+
+
+def new_idempotency_key() -> str:
+    """A fresh key for one logical send (random: 122 bits)."""
+    return uuid.uuid4().hex
 
 
 def _whole_ms(seconds: float | None) -> int:

@@ -67,6 +67,10 @@ class Config:
     group_commit_max: int = 1024
     map_size_mb: int = 256
     map_size_max_mb: int = 65536
+    #: room (in the map and on the disk) kept for commands already accepted: below it new
+    #: commands are refused (critical ones below half of it), so their deliveries,
+    #: results and expiries always fit
+    store_reserve_mb: int = 64
     retention_s: float = 7 * 86400
     idempotency_window_s: float = 86400
     window: int = 4
@@ -76,6 +80,10 @@ class Config:
     default_wait_timeout_s: float = 30
     max_wait_timeout_s: float = 300
     hello_timeout_s: float = 10
+    #: a car sends a frame at least this often (Welcome tells it); a stream silent for
+    #: liveness_timeout_s is closed as a dead link (checked every liveness_timeout_s / 8)
+    heartbeat_interval_s: float = 10
+    liveness_timeout_s: float = 25
     #: new vehicle streams admitted per second (reconnect-storm control), and the burst
     new_streams_per_s: float = 2000
     new_streams_burst: float = 2000
@@ -101,12 +109,19 @@ class Config:
     #: critical commands per car per minute (the one quota critical work is subject to)
     critical_per_minute: float = 10
     critical_burst: int = 10
+    #: a critical command not durable within this long is refused (UNAVAILABLE, nothing
+    #: written): an unlock that waited longer for a stalled disk would arrive stale
+    critical_commit_wait_s: float = 5
     #: the longest TTL a caller may ask for: critical commands (an unlock must not wait
     #: for days) and everything else
     critical_max_ttl_s: float = 3600
     max_ttl_s: float = 7 * 86400
     #: non-terminal commands held; past 80% bulk is refused, past 100% interactive too
     durable_queue_budget: int = 2_000_000
+    #: on SIGTERM: health says NOT_SERVING this long while everything is still served
+    #: (load balancers and kubelets polling Check see it), then the drain starts
+    drain_delay_s: float = 5
+    #: how long the drain may take: calls still running then are cut
     grace_s: float = 5
     #: move long-lived objects out of the cyclic GC's sight this often (0: never); see
     #: Broker._flush_state for the measured reason
@@ -149,13 +164,22 @@ class Config:
             "telemetry_fleet_bytes_per_s", "telemetry_hold_s", "admission_initial_limit",
             "admission_min_limit", "admission_max_limit", "codel_target_ms", "codel_interval_ms",
             "critical_per_minute", "critical_burst", "durable_queue_budget",
-            "critical_max_ttl_s", "max_ttl_s",
+            "critical_max_ttl_s", "max_ttl_s", "heartbeat_interval_s", "liveness_timeout_s",
+            "critical_commit_wait_s",
         ]  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name}: must be positive, got {getattr(self, name)!r}")
         if self.map_size_max_mb < self.map_size_mb:
             raise InvalidArgument("map_size_max_mb must be >= map_size_mb")
+        for name in ("store_reserve_mb", "drain_delay_s", "grace_s"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name}: must not be negative, got {getattr(self, name)!r}")
+        if self.liveness_timeout_s <= self.heartbeat_interval_s:
+            raise InvalidArgument(
+                "liveness_timeout_s must be longer than heartbeat_interval_s "
+                f"(got {self.liveness_timeout_s} <= {self.heartbeat_interval_s})"
+            )
 
 
 def _is_loopback(host: str) -> bool:

@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker.clock import now_ms
 from broker.config import Config
-from broker.errors import BrokerError, Unavailable
+from broker.errors import BrokerError, Unavailable, retry_hint_ms
 from broker.events import EventHub
 from broker.sessions import Session, SessionRegistry
-from broker.store import TERMINAL, Created, NewCommand, Store
+from broker.store import TERMINAL, Created, NewCommand, NotCommittedInTime, Store
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 
@@ -93,7 +94,9 @@ class Dispatcher:
         write instead of two (the frame still goes out only after its record is on disk).
 
         The in-memory side is taken up in a callback of the store write, so a caller
-        cancelled during the fsync cannot strand a command that did commit.
+        cancelled during the fsync cannot strand a command that did commit. A command
+        that became durable only after its `commit_by_s` (its sender gave up meanwhile)
+        is abandoned there instead: never sent, answered as not accepted.
         """
         sessions = self._sessions
         online = {
@@ -116,7 +119,7 @@ class Dispatcher:
             counter[vehicle_id] = counter.get(vehicle_id, 0) + 1
             counted.append((counter, vehicle_id))
         write = self._store.create(items, online=online, now_ms=now_ms(), deliver=deliver)
-        write.add_done_callback(lambda done: self._created(done, counted))
+        write.add_done_callback(lambda done: self._created(done, items, counted))
         return await asyncio.shield(write)
 
     def _has_free_slot(self, vehicle_id: str) -> bool:
@@ -133,6 +136,7 @@ class Dispatcher:
     def _created(
         self,
         write: asyncio.Future[list[Created | BrokerError]],
+        items: Sequence[NewCommand],
         counted: Sequence[tuple[dict[str, int], str]],
     ) -> None:
         touched = set()
@@ -148,8 +152,18 @@ class Dispatcher:
                 self._pump(vehicle_id)
             return
         stranded = []
-        for result in write.result():
+        abandoned = []
+        results = write.result()
+        committed_s = time.monotonic()
+        for index, result in enumerate(results):
             if isinstance(result, BrokerError) or result.deduplicated:
+                continue
+            commit_by_s = items[index].commit_by_s
+            if commit_by_s and committed_s > commit_by_s:
+                abandoned.append(result.command.command_id)
+                results[index] = NotCommittedInTime()  # what the caller (if any) is told
+                for older in result.superseded:
+                    self._apply(older)
                 continue
             for older in result.superseded:
                 self._apply(older)
@@ -176,6 +190,12 @@ class Dispatcher:
             self._pump(vehicle_id)
         if stranded:
             self._record(self._store.requeue(stranded, now_ms=now_ms()))
+        if abandoned:
+            logger.warning(
+                "%d commands became durable after their sender's deadline; abandoned unsent",
+                len(abandoned),
+            )
+            self._record(self._store.abandon(abandoned, now_ms=now_ms()))
 
     async def cancel(self, command_id: str) -> Any:
         write = self._store.cancel(command_id, now_ms=now_ms())
@@ -222,7 +242,12 @@ class Dispatcher:
                     del self._queues[vehicle_id]
                     session = self._sessions.get(vehicle_id)
                     if session is not None:
-                        session.close(Unavailable("could not load this car's queue; reconnect"))
+                        session.close(
+                            Unavailable(
+                                "could not load this car's queue; reconnect later",
+                                retry_after_ms=retry_hint_ms(2.0, 10.0),
+                            )
+                        )
                     continue
                 for command in future.result().get(vehicle_id, ()):
                     # The load's records are as of its turn in the writer, after every
@@ -257,7 +282,7 @@ class Dispatcher:
         ]
         for command_id in already_have:
             queue.in_flight.add(command_id)
-            self._record(self._store.mark_acked(command_id, now_ms=now_ms()))
+            self._mark_acked(queue.commands[command_id])
         if not queue.commands:
             del self._queues[vehicle_id]
             return
@@ -322,8 +347,18 @@ class Dispatcher:
             self._pump(session.vehicle_id)
 
     def acked(self, vehicle_id: str, command_id: str) -> None:
-        if self._owns(vehicle_id, command_id):
-            self._record(self._store.mark_acked(command_id, now_ms=now_ms()))
+        queue = self._queues.get(vehicle_id)
+        command = queue.commands.get(command_id) if queue is not None else None
+        if command is not None:
+            self._mark_acked(command)
+
+    def _mark_acked(self, command: Any) -> None:
+        timeout_ms = int(self._config.policy(command.name).result_timeout_s * 1000)
+        self._record(
+            self._store.mark_acked(
+                command.command_id, now_ms=now_ms(), result_timeout_ms=timeout_ms
+            )
+        )
 
     def result(
         self, vehicle_id: str, command_id: str, *, success: bool, message: str, detail: bytes
@@ -347,11 +382,11 @@ class Dispatcher:
         """Expire, time out and purge everything due now; returns the status changes made."""
         total = 0
         while True:
-            changed, purged = await self._store.fire_timers(now_ms=now_ms())
+            changed, due = await self._store.fire_timers(now_ms=now_ms(), limit=1000)
             for command in changed:
                 self._apply(command)
             total += len(changed)
-            if len(changed) + purged < 1000:
+            if due < 1000:
                 return total
 
     async def run_timers(self) -> None:
@@ -363,10 +398,6 @@ class Dispatcher:
             await asyncio.sleep(self._config.sweep_interval_s)
 
     # -- internals -------------------------------------------------------------------------
-
-    def _owns(self, vehicle_id: str, command_id: str) -> bool:
-        queue = self._queues.get(vehicle_id)
-        return queue is not None and command_id in queue.commands
 
     def _pump(self, vehicle_id: str) -> None:
         session = self._sessions.get(vehicle_id)

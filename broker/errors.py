@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import grpc
@@ -16,6 +17,11 @@ def pushback_ms(trailing_metadata: Any) -> int | None:
         if key == PUSHBACK_KEY and str(value).isdigit():
             return int(value)
     return None
+
+
+def retry_hint_ms(low_s: float = 1.0, high_s: float = 3.0) -> int:
+    """A jittered retry-after, so refused callers do not all come back at once."""
+    return int(random.uniform(low_s, high_s) * 1000)
 
 
 class BrokerError(Exception):
@@ -86,6 +92,12 @@ class Unavailable(ServerError):
 
 class StoreUnavailable(Unavailable):
     """The durable store cannot accept writes; nothing already accepted is lost."""
+
+
+class DeadlineExceeded(ServerError):
+    """The caller's deadline leaves no time to do this; nothing was done."""
+
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class Replaced(ServerError):

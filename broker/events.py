@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
-from broker.errors import QuotaExceeded
+from broker.errors import BrokerError, QuotaExceeded, Unavailable, retry_hint_ms
 
 Predicate = Callable[[Any], bool]
 
@@ -17,6 +17,8 @@ class _Watcher:
         self.command_ids = frozenset(command_ids)
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=depth)
         self.overflowed = False
+        #: set when the stream must end (shutdown), after what is queued
+        self.closing: BrokerError | None = None
 
     def wants(self, command: Any) -> bool:
         if not self.vehicle_ids and not self.command_ids:
@@ -33,6 +35,8 @@ class EventHub:
         self._watcher_depth = watcher_depth
         #: status -> how many changes to it were published (command outcomes, for metrics)
         self.status_counts: dict[int, int] = {}
+        #: shutting down: waiters are answered at once (with None), watches end
+        self.draining = False
 
     def publish(self, command: Any) -> None:
         self.status_counts[command.status] = self.status_counts.get(command.status, 0) + 1
@@ -64,8 +68,29 @@ class EventHub:
         Register it *before* reading the current status, so no change slips between.
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.draining:
+            future.set_result(None)
+            return future
         self._waiters.setdefault(command_id, []).append((predicate, future))
         return future
+
+    def drain(self) -> None:
+        """Shutdown: every waiter gets None now (its caller answers with the current
+        status), every watch stream ends after what it has queued."""
+        self.draining = True
+        for waiters in self._waiters.values():
+            for _, future in waiters:
+                if not future.done():
+                    future.set_result(None)
+        self._waiters.clear()
+        for watcher in self._watchers:
+            watcher.closing = Unavailable(
+                "the broker is shutting down; watch again (its changes are durable: re-read "
+                "current status with GetCommand/ListCommands)",
+                retry_after_ms=retry_hint_ms(),
+            )
+            if not watcher.queue.full():
+                watcher.queue.put_nowait(None)  # wake it
 
     def forget(self, command_id: str, future: asyncio.Future[Any]) -> None:
         waiters = self._waiters.get(command_id)
@@ -79,16 +104,23 @@ class EventHub:
         self, vehicle_ids: Collection[str], command_ids: Collection[str]
     ) -> AsyncIterator[Any]:
         """Changes matching the filters (all, if both are empty) until the caller stops."""
+        if self.draining:
+            raise Unavailable("the broker is shutting down", retry_after_ms=retry_hint_ms())
         watcher = _Watcher(vehicle_ids, command_ids, self._watcher_depth)
         self._watchers.add(watcher)
         try:
             while True:
-                if watcher.overflowed and watcher.queue.empty():
-                    raise QuotaExceeded(
-                        f"watcher fell more than {self._watcher_depth} changes behind; "
-                        "reconnect and re-read current status with GetCommand/ListCommands"
-                    )
-                yield await watcher.queue.get()
+                if watcher.queue.empty():
+                    if watcher.closing is not None:
+                        raise watcher.closing
+                    if watcher.overflowed:
+                        raise QuotaExceeded(
+                            f"watcher fell more than {self._watcher_depth} changes behind; "
+                            "reconnect and re-read current status with GetCommand/ListCommands"
+                        )
+                command = await watcher.queue.get()
+                if command is not None:
+                    yield command
         finally:
             self._watchers.discard(watcher)
 

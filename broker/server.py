@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from broker import clock
 from broker.admission import Admission, Gradient2Limit
 from broker.auth import Authenticator
 from broker.clock import now_ms
@@ -54,9 +55,12 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", 1_000_000),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Our own pings free a dead car's connection (the stream itself ends earlier, by
+        # the heartbeat check); cars ping every 10 s (broker.vehicle.car_channel_options):
+        # allow that with room for timer jitter, or grpc answers GOAWAY too_many_pings.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
     ]
@@ -75,6 +79,7 @@ class Broker:
             group_max=config.group_commit_max,
             retention_ms=int(config.retention_s * 1000),
             idempotency_window_ms=int(config.idempotency_window_s * 1000),
+            reserve_bytes=config.store_reserve_mb << 20,
         )
         self.sessions = SessionRegistry()
         self.events = EventHub()
@@ -107,6 +112,8 @@ class Broker:
         self._stopped = False
         self._metrics_server: Any = None
         self.metrics_port = 0
+        #: vehicle streams closed because nothing was heard on them (dead links)
+        self.dead_links = 0
 
     async def start(self) -> int:
         """Recover, bind, serve; returns the bound port (so `listen` may end in :0)."""
@@ -116,6 +123,9 @@ class Broker:
             # them 10x less often; gen0/gen1 keep collecting short-lived cycles as before
             # (a larger gen0 threshold, 2000, made each young collection a 5-8 ms stall).
             gc.set_threshold(700, 10, GC_FULL_EVERY)
+        # Broker time goes on from the highest time stored, even if the wall clock was
+        # set back while the broker was down (see broker/clock.py).
+        clock.current().anchor(not_before_ms=self.store.clock_high_water_ms)
         self.store.start(asyncio.get_running_loop())
         recovered = await self.dispatcher.recover()
         expired = await self.dispatcher.fire_timers()
@@ -155,8 +165,28 @@ class Broker:
         self._tasks = [
             asyncio.create_task(self.dispatcher.run_timers(), name="timers"),
             asyncio.create_task(self._flush_state(), name="state-flush"),
+            asyncio.create_task(self._check_liveness(), name="liveness"),
         ]
         return port
+
+    async def _check_liveness(self) -> None:
+        """Close streams whose cars went silent (dead links), and report clock steps."""
+        timeout_s = self.config.liveness_timeout_s
+        reported_offset_ms = 0
+        while True:
+            await asyncio.sleep(timeout_s / 8)
+            closed = self.sessions.close_silent(timeout_s)
+            if closed:
+                self.dead_links += closed
+                logger.info("closed %d vehicle streams silent for %gs", closed, timeout_s)
+            offset_ms = clock.current().wall_offset_ms()
+            if abs(offset_ms - reported_offset_ms) > CLOCK_STEP_REPORT_MS:
+                reported_offset_ms = offset_ms
+                logger.warning(
+                    "the wall clock is %+d ms from broker time (it was stepped); deadlines "
+                    "keep to broker time, which advances steadily",
+                    offset_ms,
+                )
 
     async def _flush_state(self) -> None:
         """Apply coalesced telemetry, persist state, and restore cars that went quiet."""
@@ -200,13 +230,22 @@ class Broker:
             changed_before_ms=now_ms() - int(config.state_persist_interval_s * 1000),
         )
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Health NOT_SERVING, stop accepting, drain streams, flush the store, close."""
+    async def stop(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:
+        """Health NOT_SERVING first, still serving for `drain_delay_s` (so whoever polls
+        health sees it before anything is refused); then drain: waiting calls answered
+        with their command's current status, watches and car streams ended, new calls
+        refused, running ones given up to `grace_s`; then flush the store and close.
+        Returns as soon as that is done."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.config.grace_s if grace_s is None else grace_s
+        delay = self.config.drain_delay_s if drain_delay_s is None else drain_delay_s
         await self.health.enter_graceful_shutdown()
+        if delay > 0:
+            logger.info("health is NOT_SERVING; draining in %gs", delay)
+            await asyncio.sleep(delay)
+        self.events.drain()
         # Tell every car to go (they reconnect with jittered backoff), then end its stream.
         live = self.sessions.all()
         drain = link.BrokerFrame(control=link.Control(drain=True))
@@ -231,6 +270,8 @@ class Broker:
 
 #: a full collection after this many young ones (CPython's default: 10)
 GC_FULL_EVERY = 100
+#: a change of the wall clock's offset from broker time larger than this is logged
+CLOCK_STEP_REPORT_MS = 1000
 
 
 def install_event_loop_policy() -> str:

@@ -26,10 +26,13 @@ from broker.dispatch import Dispatcher
 from broker.errors import (
     PUSHBACK_KEY,
     BrokerError,
+    DeadlineExceeded,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    StoreUnavailable,
     Unavailable,
+    retry_hint_ms,
 )
 from broker.events import EventHub
 from broker.sessions import CLOSE, Session, StreamGate
@@ -135,14 +138,22 @@ class Servicer:
 
     def _unary(
         self,
-        method: Callable[[Any, Principal], Awaitable[Any]],
+        method: Callable[[Any, Principal, float], Awaitable[Any]],
         scope: str,
         request_type: Any,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         async def handle(raw: bytes, context: Context) -> Any:
             try:
                 principal = self._principal(context, scope)
-                return await method(_parse(request_type, raw), principal)
+                remaining_s = context.time_remaining()
+                # The caller's deadline on our clock (0: none), less a margin for the
+                # reply's way back: work finished after it is work the caller gave up on.
+                deadline_s = (
+                    time.monotonic() + remaining_s - DEADLINE_MARGIN_S
+                    if remaining_s is not None
+                    else 0.0
+                )
+                return await method(_parse(request_type, raw), principal, deadline_s)
             except BrokerError as exc:
                 await _abort(context, exc)
             except Exception:
@@ -172,7 +183,7 @@ class Servicer:
 
     # -- CommandService ----------------------------------------------------------------------
 
-    def _new_command(self, request: Any, principal: Principal) -> NewCommand:
+    def _new_command(self, request: Any, principal: Principal, deadline_s: float) -> NewCommand:
         check_id("vehicle_id", request.vehicle_id)
         if not NAME_PATTERN.fullmatch(request.name):
             raise InvalidArgument(
@@ -210,6 +221,12 @@ class Servicer:
             )
         if request.wait not in WAIT_MODES:
             raise InvalidArgument(f"unknown wait mode {request.wait}")
+        commit_by_s = deadline_s
+        if lane == t.CRITICAL:
+            bound_s = time.monotonic() + self._config.critical_commit_wait_s
+            commit_by_s = min(commit_by_s, bound_s) if commit_by_s else bound_s
+        if commit_by_s and commit_by_s <= time.monotonic():
+            raise DeadlineExceeded("the call's deadline leaves no time to make it durable")
         return NewCommand(
             vehicle_id=request.vehicle_id,
             name=request.name,
@@ -219,10 +236,11 @@ class Servicer:
             idempotency_key=request.idempotency_key,
             idempotency_scope=f"{principal.kind}:{principal.name}",
             coalesce_key=request.coalesce_key,
+            commit_by_s=commit_by_s,
         )
 
-    async def send_command(self, request: Any, principal: Principal) -> Any:
-        item = self._new_command(request, principal)
+    async def send_command(self, request: Any, principal: Principal, deadline_s: float) -> Any:
+        item = self._new_command(request, principal, deadline_s)
         wait_s = (request.wait_timeout_ms / 1000) or self._config.default_wait_timeout_s
         if wait_s > self._config.max_wait_timeout_s:
             raise InvalidArgument(f"wait_timeout_ms is above {self._config.max_wait_timeout_s}s")
@@ -241,7 +259,14 @@ class Servicer:
         return response
 
     def _check_queue_budget(self, lane: int) -> None:
-        """Degrade by lane as the durable queue fills: bulk is refused first, critical never."""
+        """Degrade by lane as the durable queue fills: bulk is refused first, critical never
+        for depth. Short of disk or map room, every lane is refused (critical last)."""
+        problem = self._store.space_problem(critical=lane == t.CRITICAL)
+        if problem is not None:
+            raise StoreUnavailable(
+                f"new commands are refused: {problem}; nothing accepted is lost",
+                retry_after_ms=retry_hint_ms(2.0, 10.0),
+            )
         budget = self._config.durable_queue_budget
         pending = self._dispatcher.pending_total
         if lane == t.CRITICAL or pending < budget * (0.8 if lane == t.BULK else 1.0):
@@ -266,13 +291,18 @@ class Servicer:
                 current = await self._store.get(command.command_id)
             if current.status in wanted:
                 return current, False
-            return await asyncio.wait_for(future, timeout_s), False
+            reached = await asyncio.wait_for(future, timeout_s)
+            if reached is not None:
+                return reached, False
+            # Shutting down: answer now with where the command is (it is durable).
+            latest = self._dispatcher.current(command.vehicle_id, command.command_id)
+            return latest or current, True
         except TimeoutError:
             return await self._store.get(command.command_id), True
         finally:
             self._events.forget(command.command_id, future)
 
-    async def send_commands(self, request: Any, principal: Principal) -> Any:
+    async def send_commands(self, request: Any, principal: Principal, deadline_s: float) -> Any:
         count = len(request.commands)
         if count == 0 or count > self._config.max_batch:
             raise InvalidArgument(
@@ -289,7 +319,7 @@ class Servicer:
             try:
                 if sub.wait != svc.WAIT_NONE:
                     raise InvalidArgument("wait modes are not allowed in a batch; use SendCommand")
-                item = self._new_command(sub, principal)
+                item = self._new_command(sub, principal, deadline_s)
                 self._check_queue_budget(item.lane)
                 if item.lane == t.CRITICAL:
                     take_quota(item.vehicle_id)
@@ -316,12 +346,12 @@ class Servicer:
     # Reads are admitted like commands (polling floods are shed before they can delay
     # an unlock's durable write): single reads on the interactive lane, listings on bulk.
 
-    async def get_command(self, request: Any, principal: Principal) -> Any:
+    async def get_command(self, request: Any, principal: Principal, deadline_s: float) -> Any:
         command_id = self._command_id(request.command_id)
         async with self._admission.slot(t.INTERACTIVE):
             return await self._store.get(command_id)
 
-    async def cancel_command(self, request: Any, principal: Principal) -> Any:
+    async def cancel_command(self, request: Any, principal: Principal, deadline_s: float) -> Any:
         return await self._dispatcher.cancel(self._command_id(request.command_id))
 
     def _command_id(self, command_id: str) -> str:
@@ -331,7 +361,7 @@ class Servicer:
             raise NotFound(f"no command {command_id[:80]!r}")
         return command_id
 
-    async def list_commands(self, request: Any, principal: Principal) -> Any:
+    async def list_commands(self, request: Any, principal: Principal, deadline_s: float) -> Any:
         check_id("vehicle_id", request.vehicle_id)
         limit = request.limit or 100
         if limit > 1000:
@@ -348,7 +378,7 @@ class Servicer:
         async for command in self._events.watch(request.vehicle_ids, request.command_ids):
             yield command
 
-    async def get_vehicle_state(self, request: Any, principal: Principal) -> Any:
+    async def get_vehicle_state(self, request: Any, principal: Principal, deadline_s: float) -> Any:
         check_id("vehicle_id", request.vehicle_id)
         async with self._admission.slot(t.INTERACTIVE):
             return await self._states.get(request.vehicle_id)
@@ -420,6 +450,8 @@ class Servicer:
                 server_time_ms=now_ms(),
                 telemetry_policy=link.TelemetryPolicy(**policy._asdict()),
                 window=self._config.window,
+                heartbeat_interval_ms=int(self._config.heartbeat_interval_s * 1000),
+                liveness_timeout_ms=int(self._config.liveness_timeout_s * 1000),
             )
             await context.write(link.BrokerFrame(welcome=welcome))
         except BaseException:
@@ -477,7 +509,10 @@ class Servicer:
                     session.close()
                     return
                 received = now_ms()
+                session.last_heard_s = time.monotonic()
                 self._states.seen(vehicle_id, received)
+                if raw == HEARTBEAT:
+                    continue
                 if raw[:1] in TELEMETRY_TAGS:
                     if self._take_telemetry(session, raw, received) is not Verdict.ADMIT:
                         # Over its budget: read it no faster than the budget refills, so
@@ -502,6 +537,8 @@ class Servicer:
                         message=result.message,
                         detail=result.detail,
                     )
+                elif kind == "heartbeat":
+                    pass  # one with fields a newer car added: heard, nothing else to do
                 elif kind == "hello":
                     raise InvalidArgument("Hello is only allowed as the first frame")
                 else:
@@ -522,6 +559,10 @@ class Servicer:
 OUTBOX_BATCH = 64
 #: first byte of a serialized VehicleFrame holding `telemetry` (field 4) or `state` (field 5)
 TELEMETRY_TAGS = (b"\x22", b"\x2a")
+#: a serialized VehicleFrame holding an empty Heartbeat (field 6): nothing to parse
+HEARTBEAT = link.VehicleFrame(heartbeat=link.Heartbeat()).SerializeToString()
+#: the part of a caller's deadline kept for the reply to reach it
+DEADLINE_MARGIN_S = 0.05
 
 
 def telemetry_control(policy: TelemetryPolicyValues) -> Any:

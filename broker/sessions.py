@@ -55,6 +55,7 @@ class Session:
         "close_error",
         "closed",
         "connected_since_ms",
+        "last_heard_s",
         "outbox",
         "recorded",
         "session_id",
@@ -65,6 +66,8 @@ class Session:
         self.vehicle_id = vehicle_id
         self.session_id = os.urandom(8).hex()
         self.connected_since_ms = now_ms
+        #: monotonic time of the last frame from the car (liveness)
+        self.last_heard_s = time.monotonic()
         self.outbox = Outbox()
         #: Why the stream ended; None for a clean end (the car hung up).
         self.close_error: BrokerError | None = None
@@ -124,6 +127,16 @@ class SessionRegistry:
 
     def all(self) -> list[Session]:
         return list(self._by_vehicle.values())
+
+    def close_silent(self, timeout_s: float) -> int:
+        """Close the streams the broker has heard nothing on for `timeout_s`: their links
+        died without a FIN (a NAT timeout, a handover), so their cars are gone even if
+        the socket still looks open. Returns how many were closed."""
+        heard_after = time.monotonic() - timeout_s
+        silent = [s for s in self._by_vehicle.values() if s.last_heard_s < heard_after]
+        for session in silent:
+            session.close(Unavailable(f"nothing heard from this car for {timeout_s:g}s: dead link"))
+        return len(silent)
 
 
 class StreamGate:

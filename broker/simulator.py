@@ -11,7 +11,14 @@ import grpc
 
 from broker.auth import issue_token
 from broker.clock import now_ms
-from broker.vehicle import Handler, HandlerResult, SignalValue, VehicleAgent, signals
+from broker.vehicle import (
+    Handler,
+    HandlerResult,
+    SignalValue,
+    VehicleAgent,
+    car_channel_options,
+    signals,
+)
 
 CARS_PER_CHANNEL = 500
 
@@ -21,8 +28,8 @@ def shared_channels(
 ) -> list[grpc.aio.Channel]:
     """Channels for `cars` vehicle streams, `per_channel` multiplexed on each HTTP/2
     connection (car `i` uses `channels[i // per_channel]`). Each gets its own subchannel,
-    so they really are separate connections."""
-    options = [("grpc.use_local_subchannel_pool", 1)]
+    so they really are separate connections, each with a car's keepalive."""
+    options = [("grpc.use_local_subchannel_pool", 1), *car_channel_options()]
     return [
         grpc.aio.insecure_channel(target, options=options) for _ in range(-(-cars // per_channel))
     ]

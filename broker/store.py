@@ -13,10 +13,18 @@ Databases (all keys sort bytewise):
 - `pending`    vehicle_id 0x00 (255-lane) seq -> command_id (non-terminal commands only,
                in dispatch order: what a car gets when it connects)
 - `states`     vehicle_id -> VehicleState (last known fields)
-- `meta`       b"seq" -> last sequence number; b"schema" -> layout version
+- `meta`       b"seq" -> last sequence number; b"schema" -> layout version;
+               b"clock" -> the highest broker time written (restarts never go behind it)
 
 Each command has exactly one timer, derived from its record (`_timer_at`): its expiry
-while never delivered, its result deadline once delivered, its purge time once terminal.
+while it waits in the queue (never sent, or sent and then re-queued because its car went
+away), its result deadline while it is on the wire (DELIVERED or ACKED), its purge time
+once terminal. A re-queued command has no result deadline: it gets a new one only when
+it is on the wire again.
+
+Space: after commits the store measures how much room is left in the LMDB map and on the
+disk (`room_bytes`). New commands are refused early while that is below the reserve, so
+the status changes of what was already accepted (each rewrites its record) always fit.
 
 Nothing here keeps commands in memory: a parked car's queue lives only on disk until the
 car connects (`load_pending`), so millions of queued commands cost disk, not RAM.
@@ -25,9 +33,11 @@ car connects (`load_pending`), so millions of queued commands cost disk, not RAM
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -41,6 +51,7 @@ from broker.errors import (
     FailedPrecondition,
     NotFound,
     StoreUnavailable,
+    retry_hint_ms,
 )
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
@@ -51,11 +62,18 @@ logger = logging.getLogger(__name__)
 
 TERMINAL = frozenset({t.SUCCEEDED, t.FAILED, t.EXPIRED, t.CANCELED, t.SUPERSEDED, t.UNKNOWN})
 NOT_YET_SENT = frozenset({t.ACCEPTED, t.QUEUED})
+#: on the wire: its timer is the result deadline
+ON_THE_WIRE = frozenset({t.DELIVERED, t.ACKED})
 _SEQ_KEY = b"seq"
+_CLOCK_KEY = b"clock"
 _NOTHING: Mapping[int, int] = MappingProxyType({})
 _SCHEMA_KEY = b"schema"
 #: 2: the `pending` index exists (a folder written before it gets it built on open)
 _SCHEMA = 2
+#: how often (at most) the room left in the map and on the disk is measured
+SPACE_CHECK_INTERVAL_S = 0.2
+#: terminal commands purged ahead of retention per sweep while the store is short of room
+RECLAIM_BATCH = 1000
 
 
 class NewCommand(NamedTuple):
@@ -69,12 +87,26 @@ class NewCommand(NamedTuple):
     idempotency_key: str = ""
     idempotency_scope: str = ""  # the caller: one caller's keys never match another's
     coalesce_key: str = ""
+    #: monotonic time (time.monotonic()) after which it must not be written: its
+    #: sender has given up, or it waited longer than a critical command may; 0 = none
+    commit_by_s: float = 0.0
 
 
 class Created(NamedTuple):
     command: Any  # t.Command
     deduplicated: bool
     superseded: tuple[Any, ...]  # older commands this one coalesced away
+
+
+class NotCommittedInTime(StoreUnavailable):
+    """Not written: it could not be made durable before `NewCommand.commit_by_s`."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "not accepted: the store could not make it durable in time (the store is "
+            "slow or stalled); nothing was written, a retry is safe",
+            retry_after_ms=retry_hint_ms(),
+        )
 
 
 def _never_sent(command: Any) -> bool:
@@ -131,7 +163,9 @@ class Store:
         group_max: int = 1024,
         retention_ms: int = 7 * 86_400_000,
         idempotency_window_ms: int = 86_400_000,
+        reserve_bytes: int = 64 << 20,
     ) -> None:
+        self._path = path
         self._lock_file = _lock_folder(path)
         try:
             self._env = lmdb.open(
@@ -145,6 +179,8 @@ class Store:
         except lmdb.Error as exc:
             self._lock_file.close()
             raise StoreUnavailable(f"cannot open the store in {path}: {exc}") from None
+        self._high_water_ms = 0
+        self._disk_bound = False
         # Named databases must be opened in a write transaction; this one runs before the
         # writer thread exists, so it grows the map itself (an older folder's first open
         # builds the pending index, which may not fit the configured map).
@@ -164,12 +200,23 @@ class Store:
         self._seq = int.from_bytes(raw_seq, "big") if raw_seq else 0
         self._retention_ms = retention_ms
         self._idempotency_window_ms = idempotency_window_ms
+        self._map_size_max = map_size_max
+        self._reserve_bytes = reserve_bytes
+        self._page_size = int(self._env.stat()["psize"])
+        #: set by operations that write timestamps: the group stamps the clock key
+        self._stamp_due = False
+        self._stamp_ms = 0
+        self._space_checked_at = 0.0
+        self.room_bytes = map_size_max
+        self._measure_space()
         self._writer = Writer(
             self._env,
             group_max=group_max,
             map_size_max=map_size_max,
             relaxed_sync_interval_s=None if fsync else 1.0,
-            after_commit=self._count_pending,
+            before_commit=self._stamp_clock,
+            after_commit=self._after_commit,
+            diagnose=self.diagnose,
         )
 
     @property
@@ -181,13 +228,94 @@ class Store:
         """Non-terminal commands on disk (the durable queue's depth), as of the last commit."""
         return self._pending_count
 
-    def _count_pending(self) -> None:
+    @property
+    def clock_high_water_ms(self) -> int:
+        """The highest broker time this store has written (0 for a new store)."""
+        return self._high_water_ms
+
+    def space_problem(self, *, critical: bool = False) -> str | None:
+        """Why new commands must be refused now for lack of space, or None.
+
+        Critical commands may use half of the reserve; the rest is kept for the status
+        changes of commands already accepted (delivery, results, expiry).
+        """
+        reserve = self._reserve_bytes // 2 if critical else self._reserve_bytes
+        if self.room_bytes >= reserve:
+            return None
+        return self._space_text()
+
+    def _space_text(self) -> str:
+        if self._disk_bound:
+            return (
+                f"the disk holding the store ({self._path}) is nearly full: "
+                f"{self.room_bytes >> 10} KiB of room left, {self._reserve_bytes >> 10} KiB "
+                "are kept for commands already accepted"
+            )
+        return (
+            f"the store's LMDB map is nearly full ({self.room_bytes >> 10} KiB of room left "
+            f"of map_size_max_mb={self._map_size_max >> 20}); terminal commands are being "
+            "purged ahead of retention to make room"
+        )
+
+    def diagnose(self, exc: BaseException) -> str:
+        """A failed write, explained: a full disk says so even where the OS said EIO."""
+        self._space_checked_at = 0.0
+        self._measure_space()
+        if isinstance(exc, lmdb.MapFullError):
+            return self._space_text()
+        if getattr(exc, "errno", None) == errno.ENOSPC or self.room_bytes < self._reserve_bytes:
+            return f"{self._space_text()} (the write failed: {exc})"
+        return f"the store cannot write: {exc}"
+
+    def _stamp_clock(self, txn: Any) -> None:
+        # On the writer thread, before each commit: a group that wrote timestamps also
+        # records the clock, so a restart's clock never goes behind what is stored.
+        if self._stamp_due:
+            self._stamp_due = False
+            if self._stamp_ms > self._high_water_ms:
+                self._high_water_ms = self._stamp_ms
+                txn.put(_CLOCK_KEY, self._stamp_ms.to_bytes(8, "big"), db=self._meta)
+
+    def _after_commit(self) -> None:
         # On the writer thread after each commit: O(1), LMDB keeps the count.
         try:
             with self._env.begin(db=self._pending) as txn:
                 self._pending_count = int(txn.stat(self._pending)["entries"])
         except lmdb.Error as exc:  # the commit stands; only the gauge is stale
             logger.warning("could not count pending commands: %s", exc)
+        self._measure_space()
+
+    def _measure_space(self) -> None:
+        """Room for more data: in the map (up to map_size_max) and on the disk."""
+        now = time.monotonic()
+        if now - self._space_checked_at < SPACE_CHECK_INTERVAL_S:
+            return
+        self._space_checked_at = now
+        try:
+            with self._env.begin() as txn:
+                used_pages = sum(
+                    sum(int(stat[k]) for k in ("branch_pages", "leaf_pages", "overflow_pages"))
+                    for stat in [txn.stat(db) for db in self._dbs] + [self._env.stat()]
+                )
+            high_water = (int(self._env.info()["last_pgno"]) + 1) * self._page_size
+            disk = os.statvfs(self._path)
+        except (lmdb.Error, OSError) as exc:
+            logger.warning("could not measure the store's free space: %s", exc)
+            return
+        used = used_pages * self._page_size
+        # Pages freed below the high-water mark are reused first, but a record spanning
+        # several overflow pages needs a contiguous run of them, which a fragmented free
+        # list may not have: count them at half. Growing past the mark needs the disk.
+        freed = max(0, high_water - used) // 2
+        in_map = self._map_size_max - high_water + freed
+        on_disk = freed + disk.f_bavail * disk.f_frsize
+        self._disk_bound = on_disk < in_map
+        room = min(in_map, on_disk)
+        if (room < self._reserve_bytes) != (self.room_bytes < self._reserve_bytes):
+            log = logger.warning if room < self._reserve_bytes else logger.info
+            log("store space: %d KiB of room (reserve %d KiB)", room >> 10,
+                self._reserve_bytes >> 10)  # fmt: skip
+        self.room_bytes = room
 
     def _open_dbs(self) -> bytes | None:
         """Open the named databases (migrating an older layout); the stored sequence."""
@@ -201,7 +329,13 @@ class Store:
             self._states = open_db(b"states", txn=txn)
             self._meta = open_db(b"meta", txn=txn)
             self._pending = open_db(b"pending", txn=txn)
+            self._dbs = (
+                self._commands, self._by_vehicle, self._timers, self._idem,
+                self._coalesce, self._states, self._meta, self._pending,
+            )  # fmt: skip
             raw_seq: bytes | None = txn.get(_SEQ_KEY, db=self._meta)
+            raw_clock = txn.get(_CLOCK_KEY, db=self._meta)
+            self._high_water_ms = int.from_bytes(raw_clock, "big") if raw_clock else 0
             if txn.get(_SCHEMA_KEY, db=self._meta) is None:
                 self._build_pending_index(txn)
                 txn.put(_SCHEMA_KEY, _SCHEMA.to_bytes(2, "big"), db=self._meta)
@@ -264,6 +398,8 @@ class Store:
         now_ms: int,
         result_timeout_ms: int | None = None,
     ) -> Created:
+        if item.commit_by_s and time.monotonic() >= item.commit_by_s:
+            raise NotCommittedInTime()
         if item.idempotency_key:
             earlier_id = txn.get(
                 _idem_key(item.idempotency_scope, item.idempotency_key), db=self._idem
@@ -332,6 +468,7 @@ class Store:
         )
         self._save(txn, command)
         txn.put(codec.timer_key(self._timer_at(command), command.command_id), b"", db=self._timers)
+        self._stamp(now_ms)
         return Created(command, False, superseded)
 
     def mark_delivered(
@@ -365,8 +502,14 @@ class Store:
 
         return self._writer.submit(op)
 
-    def mark_acked(self, command_id: str, *, now_ms: int) -> asyncio.Future[Any | None]:
-        """The car received the command; None if the ack is stale (e.g. already terminal)."""
+    def mark_acked(
+        self, command_id: str, *, now_ms: int, result_timeout_ms: int
+    ) -> asyncio.Future[Any | None]:
+        """The car has the command; None if the ack is stale (e.g. already terminal).
+
+        A re-queued command the car says it has (its Hello) is back on the wire: it gets a
+        new result deadline, `result_timeout_ms` from now.
+        """
 
         def op(txn: Any) -> Any | None:
             command = self._load(txn, command_id)
@@ -374,7 +517,8 @@ class Store:
                 return None
             if command.attempt == 0:
                 return None  # an ack for something we never sent: ignore
-            self._update(txn, command, t.ACKED, now_ms)
+            deadline = command.result_deadline_ms or now_ms + result_timeout_ms
+            self._update(txn, command, t.ACKED, now_ms, result_deadline_ms=deadline)
             return command
 
         return self._writer.submit(op)
@@ -417,15 +561,43 @@ class Store:
         return self._writer.submit(op)
 
     def requeue(self, command_ids: Sequence[str], *, now_ms: int) -> asyncio.Future[list[Any]]:
-        """The car went away: commands sent but not acked wait for it again (attempt kept)."""
+        """The car went away: commands sent but not acked wait for it again (attempt kept,
+        result deadline cleared: they are re-sent, with a new one, when it is back)."""
 
         def op(txn: Any) -> list[Any]:
             changed = []
             for command_id in command_ids:
                 command = self._load(txn, command_id)
                 if command is not None and command.status in (t.ACCEPTED, t.DELIVERED):
-                    self._update(txn, command, t.QUEUED, now_ms)
+                    self._update(txn, command, t.QUEUED, now_ms, result_deadline_ms=0)
                     changed.append(command)
+            return changed
+
+        return self._writer.submit(op)
+
+    def abandon(self, command_ids: Sequence[str], *, now_ms: int) -> asyncio.Future[list[Any]]:
+        """Commands whose sender gave up before they were durable: never to be sent.
+
+        They end CANCELED and their idempotency keys are released, so the sender's retry
+        with the same key creates the command afresh instead of finding this one.
+        """
+
+        def op(txn: Any) -> list[Any]:
+            changed = []
+            for command_id in command_ids:
+                command = self._load(txn, command_id)
+                if command is None or command.status in TERMINAL:
+                    continue
+                self._update(
+                    txn,
+                    command,
+                    t.CANCELED,
+                    now_ms,
+                    status_reason="not accepted: it became durable only after its sender's "
+                    "deadline; never sent",
+                )
+                self._release_idempotency_key(txn, command)
+                changed.append(command)
             return changed
 
         return self._writer.submit(op)
@@ -448,15 +620,28 @@ class Store:
     def fire_timers(
         self, *, now_ms: int, limit: int = 1000
     ) -> asyncio.Future[tuple[list[Any], int]]:
-        """Expire, time out and purge what is due: `(changed commands, purged count)`."""
+        """Expire, time out and purge what is due: `(changed commands, timers due)`;
+        fewer than `limit` due means nothing due is left.
+
+        While the store is short of room, terminal commands are also purged ahead of
+        their retention (oldest purge time first; `RECLAIM_BATCH` timers looked at a call).
+        """
 
         def op(txn: Any) -> tuple[list[Any], int]:
-            changed, purged = [], 0
+            changed = []
             due: list[str] = []
+            due_now = 0
+            reclaim = RECLAIM_BATCH if self.room_bytes < self._reserve_bytes else 0
             with txn.cursor(db=self._timers) as cursor:
                 for key in cursor.iternext(keys=True, values=False):
                     at_ms, command_id = codec.split_timer_key(key)
-                    if at_ms > now_ms or len(due) >= limit:
+                    if at_ms <= now_ms:
+                        if due_now >= limit:
+                            break
+                        due_now += 1
+                    elif reclaim > 0:
+                        reclaim -= 1  # looked at for reclaiming: only a terminal one goes
+                    else:
                         break
                     due.append(command_id)
             for command_id in due:
@@ -465,7 +650,18 @@ class Store:
                     continue
                 if command.status in TERMINAL:
                     self._purge(txn, command)
-                    purged += 1
+                elif self._timer_at(command) > now_ms:
+                    continue  # looked at for reclaiming only
+                elif command.status in ON_THE_WIRE:
+                    self._update(
+                        txn,
+                        command,
+                        t.UNKNOWN,
+                        now_ms,
+                        status_reason="delivered, but no result before the result timeout; "
+                        "it may have been executed",
+                    )
+                    changed.append(command)
                 elif command.attempt == 0:
                     self._update(
                         txn, command, t.EXPIRED, now_ms, status_reason="expired before delivery"
@@ -477,11 +673,12 @@ class Store:
                         command,
                         t.UNKNOWN,
                         now_ms,
-                        status_reason="delivered, but no result before the result timeout; "
+                        status_reason=f"sent (attempt {command.attempt}) but its car went "
+                        "away before confirming it, and it expired before the car was back; "
                         "it may have been executed",
                     )
                     changed.append(command)
-            return changed, purged
+            return changed, due_now
 
         return self._writer.submit(op)
 
@@ -496,7 +693,7 @@ class Store:
             for command_id in ids:
                 command = self._load(txn, command_id)
                 if command is not None and command.status in (t.ACCEPTED, t.DELIVERED):
-                    self._update(txn, command, t.QUEUED, now_ms)
+                    self._update(txn, command, t.QUEUED, now_ms, result_deadline_ms=0)
             return len(ids)
 
         return self._writer.submit(op)
@@ -584,9 +781,9 @@ class Store:
     def _timer_at(self, command: Any) -> int:
         if command.status in TERMINAL:
             return int(command.updated_at_ms + self._retention_ms)
-        if command.attempt == 0:
-            return int(command.expires_at_ms)
-        return int(command.result_deadline_ms)
+        if command.status in ON_THE_WIRE:
+            return int(command.result_deadline_ms)
+        return int(command.expires_at_ms)
 
     def _update(self, txn: Any, command: Any, status: int, now_ms: int, **fields: Any) -> None:
         """Move `command` to `status` (in place), keeping its timer in step."""
@@ -594,6 +791,7 @@ class Store:
         was_pending = command.status not in TERMINAL
         command.status = status
         command.updated_at_ms = now_ms
+        self._stamp(now_ms)
         for name, value in fields.items():
             setattr(command, name, value)
         if status in TERMINAL and was_pending:
@@ -604,15 +802,23 @@ class Store:
             txn.put(new_timer, b"", db=self._timers)
         self._save(txn, command)
 
+    def _stamp(self, now_ms: int) -> None:
+        self._stamp_due = True
+        if now_ms > self._stamp_ms:
+            self._stamp_ms = now_ms
+
+    def _release_idempotency_key(self, txn: Any, command: Any) -> None:
+        if command.idempotency_key:
+            key = _idem_key(command.idempotency_scope, command.idempotency_key)
+            if txn.get(key, db=self._idem) == command.command_id.encode():
+                txn.delete(key, db=self._idem)
+
     def _purge(self, txn: Any, command: Any) -> None:
         """Retention: drop a terminal command and every index entry that names it."""
         command_id = command.command_id.encode()
         txn.delete(codec.timer_key(self._timer_at(command), command.command_id), db=self._timers)
         txn.delete(codec.vehicle_key(command.vehicle_id, command.seq), db=self._by_vehicle)
-        if command.idempotency_key:
-            key = _idem_key(command.idempotency_scope, command.idempotency_key)
-            if txn.get(key, db=self._idem) == command_id:
-                txn.delete(key, db=self._idem)
+        self._release_idempotency_key(txn, command)
         if command.coalesce_key:
             key = codec.coalesce_key(command.vehicle_id, command.coalesce_key)
             if txn.get(key, db=self._coalesce) == command_id:

@@ -10,6 +10,14 @@ at most once: a re-sent id gets its first result repeated. It acks a command (Co
 "received, working on it") only if its result is not ready within `ack_delay_s`; a quick
 command is answered by its result alone, which tells the broker the same and more, so the
 common case costs one frame and one durable write instead of two.
+
+Links that die silently (a NAT timeout, a cell handover: no FIN, the socket looks open
+forever) are found at both ends: the agent's channel pings the broker every `keepalive_s`
+and gives the connection up when a ping goes unanswered for as long again, and the agent
+sends a Heartbeat whenever it has written nothing for the interval the Welcome names, so
+the broker (which hears nothing from a dead car) closes its stream. The Connect call
+waits for the channel to be ready, so the car is back as soon as the link is (the
+channel retries at most `MAX_RECONNECT_BACKOFF_S` apart).
 """
 
 from __future__ import annotations
@@ -39,6 +47,24 @@ RESEND_WINDOW_S = 120.0
 RESEND_MAX = 32
 #: A command whose result is not ready this soon is acked first (see the module docstring).
 ACK_DELAY_S = 0.05
+#: HTTP/2 keepalive of a car's channel: a ping this often, dead after as long unanswered
+KEEPALIVE_S = 10.0
+#: the longest a car's channel waits between attempts to reconnect
+MAX_RECONNECT_BACKOFF_S = 10.0
+
+
+def car_channel_options(keepalive_s: float = KEEPALIVE_S) -> list[tuple[str, int]]:
+    """Channel args for a car's connection (see the module docstring). The broker's
+    `grpc.http2.min_ping_interval_without_data_ms` must allow `keepalive_s`."""
+    keepalive_ms = int(keepalive_s * 1000)
+    return [
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # an idle car must keep pinging
+        ("grpc.initial_reconnect_backoff_ms", 1000),
+        ("grpc.max_reconnect_backoff_ms", int(MAX_RECONNECT_BACKOFF_S * 1000)),
+    ]
 
 
 def to_value(value: SignalValue) -> Any:
@@ -76,8 +102,10 @@ class VehicleAgent:
         obey_policy: bool = True,
         compression: grpc.Compression | None = None,
         ack_delay_s: float = ACK_DELAY_S,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
-        """`ack_delay_s`: 0 acks every command on receipt.
+        """`ack_delay_s`: 0 acks every command on receipt. `keepalive_s`: see the module
+        docstring (a `channel` passed in brings its own options: `car_channel_options`).
 
         `compression`: per-call message compression for this car's stream (e.g.
         `grpc.Compression.Gzip` on a metered cellular link; off by default because on a
@@ -85,7 +113,9 @@ class VehicleAgent:
         """
         self.vehicle_id = vehicle_id
         self.handlers: dict[str, Handler] = dict(handlers or {})
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._channel = channel or grpc.aio.insecure_channel(
+            target, options=car_channel_options(keepalive_s)
+        )
         self._owns_channel = channel is None
         metadata = [(VEHICLE_ID_HEADER, vehicle_id)]
         if token:
@@ -105,7 +135,11 @@ class VehicleAgent:
         self._execution_lock = asyncio.Lock()
         self._call: Any = None
         self._stopping = False
-        self._clock_offset_ms = 0
+        #: the broker's clock at the Welcome, and our monotonic time then: the broker's
+        #: time now is derived from these, so a step of this car's clock changes nothing
+        self._welcome_server_ms = 0
+        self._welcome_at_s = 0.0
+        self._last_write_s = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.connected = asyncio.Event()
         self.session_id = ""
@@ -161,7 +195,7 @@ class VehicleAgent:
             request_serializer=link.VehicleFrame.SerializeToString,
             response_deserializer=link.BrokerFrame.FromString,
         )
-        call = connect(metadata=self._metadata, compression=self._compression)
+        call = connect(metadata=self._metadata, compression=self._compression, wait_for_ready=True)
         self._call = call
         reconnect_after_s = 0.0
         try:
@@ -181,12 +215,16 @@ class VehicleAgent:
                     break
                 kind = frame.WhichOneof("kind")
                 if kind == "welcome":
-                    self._clock_offset_ms = frame.welcome.server_time_ms - now_ms()
-                    self.session_id = frame.welcome.session_id
-                    self.telemetry_policy = frame.welcome.telemetry_policy
+                    welcome = frame.welcome
+                    self._welcome_server_ms = welcome.server_time_ms
+                    self._welcome_at_s = time.monotonic()
+                    self.session_id = welcome.session_id
+                    self.telemetry_policy = welcome.telemetry_policy
                     self.connects += 1
                     self.connected.set()
                     self._spawn(self._resend_recent_results(call))
+                    if welcome.heartbeat_interval_ms:
+                        self._spawn(self._heartbeat(call, welcome.heartbeat_interval_ms / 1000))
                 elif kind == "command":
                     self._spawn(self._on_command(call, frame.command))
                 elif kind == "control":
@@ -205,6 +243,12 @@ class VehicleAgent:
             self._call = None
             call.cancel()
         return reconnect_after_s
+
+    def drop_connection(self) -> None:
+        """End the current stream as a lost link would; the agent reconnects by itself
+        (for drills and tests of what a dropped link does)."""
+        if self._call is not None:
+            self._call.cancel()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -268,6 +312,22 @@ class VehicleAgent:
     async def _write(self, call: Any, frame: Any) -> None:
         async with self._write_lock:
             await call.write(frame)
+            self._last_write_s = time.monotonic()
+
+    async def _heartbeat(self, call: Any, interval_s: float) -> None:
+        """Write a Heartbeat whenever nothing else went out for `interval_s`."""
+        beat = link.VehicleFrame(heartbeat=link.Heartbeat())
+        try:
+            while self._call is call:
+                await asyncio.sleep(self._last_write_s + interval_s - time.monotonic())
+                if self._call is call and time.monotonic() - self._last_write_s >= interval_s:
+                    await self._write(call, beat)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            return  # the stream broke; the next session starts its own
+
+    def server_now_ms(self) -> int:
+        """The broker's clock now, as of the last Welcome (this car's own clock unused)."""
+        return self._welcome_server_ms + int((time.monotonic() - self._welcome_at_s) * 1000)
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -343,7 +403,7 @@ class VehicleAgent:
             self._finished_at.pop(old_id, None)
 
     async def _execute(self, command: Any) -> Any:
-        server_now = now_ms() + self._clock_offset_ms
+        server_now = self.server_now_ms()
         handler = self.handlers.get(command.name)
         if server_now >= command.expires_at_ms:
             outcome: HandlerResult = (False, "expired before execution; not executed", b"")

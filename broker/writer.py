@@ -7,6 +7,10 @@ this one thread satisfies both and keeps the event loop free of blocking calls.
 Group commit: the thread takes whatever operations are queued (up to `group_max`), runs
 them all in one write transaction and commits once, so under load one fsync covers many
 commands, and at low load a lone command waits for no timer.
+
+A group whose commit fails (a full disk, an I/O error, a full map that cannot grow) is
+run again one operation at a time, so one failed write never fails its neighbours: reads
+and the writes that still fit go through, each failure gets its own explained error.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import lmdb
 
-from broker.errors import BrokerError, InvalidArgument, StoreUnavailable
+from broker.errors import BrokerError, InvalidArgument, StoreUnavailable, retry_hint_ms
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,11 +48,17 @@ class Writer:
         group_max: int,
         map_size_max: int,
         relaxed_sync_interval_s: float | None,
+        before_commit: Callable[[Any], None] | None = None,
         after_commit: Callable[[], None] | None = None,
+        diagnose: Callable[[BaseException], str] = str,
     ) -> None:
-        """`after_commit` runs on this thread after every successful commit."""
+        """On this thread: `before_commit(txn)` after a group's operations ran, before its
+        commit; `after_commit()` after every successful commit; `diagnose(exc)` explains
+        a failed write (the message a refused caller gets)."""
         self._env = env
+        self._before_commit = before_commit
         self._after_commit = after_commit
+        self._diagnose = diagnose
         self._group_max = group_max
         self._map_size_max = map_size_max
         self._relaxed_sync_interval_s = relaxed_sync_interval_s
@@ -148,17 +158,12 @@ class Writer:
             except lmdb.MapFullError:
                 if self._grow():
                     continue
-                error = StoreUnavailable(
-                    "the store is full (map_size_max_mb reached); nothing accepted is lost, "
-                    "new commands are refused until space is freed"
-                )
-                outcomes = [(False, error)] * len(group)
+                outcomes = [self._commit_alone(job) for job in group]
             except _OpBug:
                 outcomes = [self._commit_alone(job) for job in group]
             except lmdb.Error as exc:
-                logger.error("lmdb commit failed: %s", exc)
-                error = StoreUnavailable(f"the store cannot write: {exc}")
-                outcomes = [(False, error)] * len(group)
+                logger.error("lmdb commit failed: %s", self._diagnose(exc))
+                outcomes = [self._commit_alone(job) for job in group]
             break
         self.groups_committed += 1
         self.ops_committed += len(group)
@@ -181,6 +186,8 @@ class Writer:
                     raise
                 except Exception as exc:
                     raise _OpBug() from exc
+            if self._before_commit is not None:
+                self._before_commit(txn)
             txn.commit()
         except BaseException:
             txn.abort()
@@ -190,7 +197,7 @@ class Writer:
         return outcomes
 
     def _commit_alone(self, job: _Job[Any]) -> tuple[bool, Any]:
-        """Rerun one job of a group that hit an unexpected error, to isolate the culprit."""
+        """Rerun one job of a group that failed, to isolate the culprit."""
         try:
             return self._commit([job])[0]
         except _OpBug as bug:
@@ -199,7 +206,10 @@ class Writer:
             logger.exception("store operation failed", exc_info=bug.__cause__)
             return False, StoreUnavailable(f"store operation failed: {bug.__cause__!r}")
         except lmdb.Error as exc:
-            return False, StoreUnavailable(f"the store cannot write: {exc}")
+            # Nothing of it was written; the condition (full disk or map) may pass.
+            return False, StoreUnavailable(
+                f"{self._diagnose(exc)}; nothing accepted is lost", retry_after_ms=retry_hint_ms()
+            )
 
     def _grow(self) -> bool:
         current = int(self._env.info()["map_size"])

@@ -88,7 +88,14 @@ class BrokerProcess:
         self.port = port
         self.secret = secret
         self.args = list(args)
-        self.env = clean_env({**({"BROKER_AUTH_SECRET": secret} if secret else {}), **(env or {})})
+        # No drain delay unless asked for: nothing polls these brokers' health.
+        self.env = clean_env(
+            {
+                "BROKER_DRAIN_DELAY_S": "0",
+                **({"BROKER_AUTH_SECRET": secret} if secret else {}),
+                **(env or {}),
+            }
+        )
         self.loop = ""
         self.extensions = ""
         self.metrics_target = ""  # HOST:PORT when started with `--metrics`

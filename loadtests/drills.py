@@ -82,7 +82,7 @@ class Drill:
 
     async def start(self) -> BrokerClient:
         await self.broker.astart()
-        self.client = BrokerClient(self.broker.target, max_pushback_retries=0)
+        self.client = BrokerClient(self.broker.target, max_retries=0)
         return self.client
 
     async def restart(self) -> None:

@@ -497,7 +497,7 @@ async def run_broker(workdir: Path, cars: int, per_car: int, loss_wait_s: float)
     await broker.astart()
     out["loop"], out["extensions"] = broker.loop, broker.extensions
     try:
-        async with BrokerClient(broker.target, max_pushback_retries=3) as client:
+        async with BrokerClient(broker.target, max_retries=3) as client:
             accepted = await _send_all(client, ids, per_car)
             out["acknowledged"] = len(accepted)
             out["drain"] = await _drain(broker.target, client, ids, accepted, 120, broker.pid)
@@ -506,12 +506,12 @@ async def run_broker(workdir: Path, cars: int, per_car: int, loss_wait_s: float)
     broker = BrokerProcess(workdir / "loss-data", workdir / "loss.log", env=UNTHROTTLED)
     await broker.astart()
     try:
-        async with BrokerClient(broker.target, max_pushback_retries=3) as client:
+        async with BrokerClient(broker.target, max_retries=3) as client:
             accepted = await _send_all(client, ids, per_car)
         await broker.akill()  # right after the last acknowledged batch
         out["acked_before_kill"] = len(accepted)
         await broker.astart()  # same data folder, same port
-        async with BrokerClient(broker.target, max_pushback_retries=3) as client:
+        async with BrokerClient(broker.target, max_retries=3) as client:
             out["stored_after_restart"] = await _stored(client, ids, accepted)
             out["after_kill"] = await _drain(
                 broker.target, client, ids, accepted, loss_wait_s, broker.pid

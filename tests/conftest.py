@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import settings
@@ -23,10 +24,13 @@ settings.register_profile("broker", deadline=None)
 settings.load_profile("broker")
 
 SECRET = "test-secret-0123456789abcdef"
+T = TypeVar("T")
 
 
 def make_config(data_dir: Path, **overrides: Any) -> Config:
-    base = Config(listen="127.0.0.1:0", data_dir=data_dir, auth_secret=SECRET, grace_s=0.5)
+    base = Config(
+        listen="127.0.0.1:0", data_dir=data_dir, auth_secret=SECRET, grace_s=0.5, drain_delay_s=0
+    )
     config = dataclasses.replace(base, **overrides)
     config.validate()
     return config
@@ -92,3 +96,22 @@ async def running(start_broker: Callable[..., Any]) -> Running:
     """A broker with token auth on a loopback port."""
     result: Running = await start_broker()
     return result
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    accept: Callable[[T], object] = bool,
+    *,
+    timeout_s: float = 10.0,
+    interval_s: float = 0.05,
+    what: str = "the condition",
+) -> T:
+    """Poll `probe()` until `accept(value)` holds; fail loudly with the last value seen."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = await probe()
+        if accept(value):
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout_s}s; last seen: {value!r}")
+        await asyncio.sleep(interval_s)

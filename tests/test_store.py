@@ -9,6 +9,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from broker.errors import Conflict, FailedPrecondition, NotFound, StoreUnavailable
-from broker.store import TERMINAL, Created, NewCommand, Store
+from broker.store import (
+    SPACE_CHECK_INTERVAL_S,
+    TERMINAL,
+    Created,
+    NewCommand,
+    NotCommittedInTime,
+    Store,
+)
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker_ext import codec
@@ -185,20 +193,24 @@ async def test_mark_delivered_ignores_unknown_and_terminal_commands(store: Store
 
 async def test_mark_acked(store: Store) -> None:
     cid = await create_id(store, new(), now_ms=T0, online={"car-1"})
-    assert await store.mark_acked(cid, now_ms=T0 + 1) is None  # never sent: ignored
+    assert (
+        await store.mark_acked(cid, now_ms=T0 + 1, result_timeout_ms=30_000) is None
+    )  # never sent: ignored
     assert await status_of(store, cid) == t.ACCEPTED
     await store.mark_delivered([(cid, 30_000)], now_ms=T0 + 2)
-    acked = await store.mark_acked(cid, now_ms=T0 + 3)
+    acked = await store.mark_acked(cid, now_ms=T0 + 3, result_timeout_ms=30_000)
     assert acked.status == t.ACKED and acked.updated_at_ms == T0 + 3
-    assert await store.mark_acked(cid, now_ms=T0 + 4) is None  # a duplicate ack
-    assert await store.mark_acked("nope", now_ms=T0 + 4) is None
+    assert (
+        await store.mark_acked(cid, now_ms=T0 + 4, result_timeout_ms=30_000) is None
+    )  # a duplicate ack
+    assert await store.mark_acked("nope", now_ms=T0 + 4, result_timeout_ms=30_000) is None
 
 
 @pytest.mark.parametrize(("success", "expected"), [(True, t.SUCCEEDED), (False, t.FAILED)])
 async def test_record_result(store: Store, success: bool, expected: int) -> None:
     cid = await create_id(store, new(), now_ms=T0, online={"car-1"})
     await store.mark_delivered([(cid, 30_000)], now_ms=T0 + 1)
-    await store.mark_acked(cid, now_ms=T0 + 2)
+    await store.mark_acked(cid, now_ms=T0 + 2, result_timeout_ms=30_000)
     done = await store.record_result(
         cid, vehicle_id="car-1", success=success, message="ok?", detail=b"\x01", now_ms=T0 + 3
     )
@@ -239,8 +251,8 @@ async def test_result_for_a_command_never_sent_is_ignored(store: Store) -> None:
 async def test_late_result_refines_unknown(store: Store) -> None:
     cid = await create_id(store, new(), now_ms=T0, online={"car-1"})
     await store.mark_delivered([(cid, 1_000)], now_ms=T0 + 1)
-    changed, purged = await store.fire_timers(now_ms=T0 + 1_001)
-    assert [c.command_id for c in changed] == [cid] and purged == 0
+    changed, due = await store.fire_timers(now_ms=T0 + 1_001)
+    assert [c.command_id for c in changed] == [cid] and due == 1
     assert changed[0].status == t.UNKNOWN
     assert "may have been executed" in changed[0].status_reason
     refined = await store.record_result(
@@ -259,7 +271,7 @@ async def test_requeue_keeps_the_attempt_count(store: Store) -> None:
     delivered = await create_id(store, new(), now_ms=T0, online={"car-1"})
     acked = await create_id(store, new(), now_ms=T0, online={"car-1"})
     await store.mark_delivered([(delivered, 30_000), (acked, 30_000)], now_ms=T0 + 1)
-    await store.mark_acked(acked, now_ms=T0 + 2)
+    await store.mark_acked(acked, now_ms=T0 + 2, result_timeout_ms=30_000)
     changed = await store.requeue([accepted, delivered, acked, "nope"], now_ms=T0 + 3)
     assert [c.command_id for c in changed] == [accepted, delivered]
     assert all(c.status == t.QUEUED for c in changed)
@@ -283,7 +295,7 @@ async def test_cancel_after_delivery_is_a_failed_precondition(store: Store) -> N
     delivered = await create_id(store, new(), now_ms=T0, online={"car-1"})
     acked = await create_id(store, new(), now_ms=T0, online={"car-1"})
     await store.mark_delivered([(delivered, 30_000), (acked, 30_000)], now_ms=T0 + 1)
-    await store.mark_acked(acked, now_ms=T0 + 2)
+    await store.mark_acked(acked, now_ms=T0 + 2, result_timeout_ms=30_000)
     for cid, status in ((delivered, t.DELIVERED), (acked, t.ACKED)):
         with pytest.raises(FailedPrecondition, match="only a command not yet delivered"):
             await store.cancel(cid, now_ms=T0 + 3)
@@ -316,13 +328,13 @@ async def test_cancel_terminal_or_unknown(store: Store) -> None:
 async def test_never_delivered_command_expires_at_its_deadline(store: Store) -> None:
     cid = await create_id(store, new(ttl_ms=5_000), now_ms=T0)
     assert await store.fire_timers(now_ms=T0 + 4_999) == ([], 0)
-    changed, purged = await store.fire_timers(now_ms=T0 + 5_000)
+    changed, due = await store.fire_timers(now_ms=T0 + 5_000)
     assert [(c.command_id, c.status) for c in changed] == [(cid, t.EXPIRED)]
     assert changed[0].status_reason == "expired before delivery"
-    assert purged == 0
+    assert due == 1
     # Hard not-after: a delivery or ack recorded after the expiry changes nothing.
     assert await store.mark_delivered([(cid, 30_000)], now_ms=T0 + 5_001) == []
-    assert await store.mark_acked(cid, now_ms=T0 + 5_001) is None
+    assert await store.mark_acked(cid, now_ms=T0 + 5_001, result_timeout_ms=30_000) is None
     command = await store.get(cid)
     assert (command.status, command.attempt) == (t.EXPIRED, 0)
 
@@ -487,7 +499,7 @@ async def test_recover_after_reopen_returns_pending_commands(open_store: OpenSto
         ids[status] = await create_id(store, new(ttl_ms=1_000), now_ms=T0, online={"car-1"})
     sent = ["delivered", "acked", "requeued", "succeeded"]
     await store.mark_delivered([(ids[s], 60_000) for s in sent], now_ms=T0 + 1)
-    await store.mark_acked(ids["acked"], now_ms=T0 + 2)
+    await store.mark_acked(ids["acked"], now_ms=T0 + 2, result_timeout_ms=30_000)
     await store.requeue([ids["requeued"]], now_ms=T0 + 2)
     await store.record_result(
         ids["succeeded"], vehicle_id="car-1", success=True, message="", detail=b"", now_ms=T0 + 3
@@ -672,9 +684,9 @@ class Expected:
     def timer_at(self) -> int:
         if self.status in TERMINAL:
             return self.updated_at_ms + PROP_RETENTION_MS
-        if self.attempt == 0:
-            return self.expires_at_ms
-        return self.result_deadline_ms
+        if self.status in (t.DELIVERED, t.ACKED):
+            return self.result_deadline_ms
+        return self.expires_at_ms  # waiting in the queue, sent before or not
 
     def move(self, status: int, now_ms: int) -> None:
         self.status = status
@@ -816,12 +828,17 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             assert changed == []
 
-    @rule(index=picks)
-    def ack(self, index: int) -> None:
+    @rule(index=picks, result_timeout_ms=st.integers(min_value=1, max_value=4_000))
+    def ack(self, index: int, result_timeout_ms: int) -> None:
         command_id = self.pick(index)
         command = self.model.get(command_id)
-        acked = self.run(self.store.mark_acked(command_id, now_ms=self.now))
+        acked = self.run(
+            self.store.mark_acked(command_id, now_ms=self.now, result_timeout_ms=result_timeout_ms)
+        )
         if command is not None and command.status in (t.DELIVERED, t.QUEUED) and command.attempt:
+            # Re-queued (no deadline): the car says it has it, so it is on the wire again.
+            if command.status == t.QUEUED:
+                command.result_deadline_ms = self.now + result_timeout_ms
             command.move(t.ACKED, self.now)
             assert acked is not None and acked.command_id == command_id
         else:
@@ -862,6 +879,7 @@ class StoreMachine(RuleBasedStateMachine):
             command = self.model.get(command_id)
             if command is not None and command.status in (t.ACCEPTED, t.DELIVERED):
                 command.move(t.QUEUED, self.now)
+                command.result_deadline_ms = 0  # a new one when it is on the wire again
                 expected.append(command_id)
         assert [c.command_id for c in changed] == expected
 
@@ -888,21 +906,24 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(delta_ms=st.integers(min_value=0, max_value=2_500))
     def advance_and_fire_timers(self, delta_ms: int) -> None:
         self.now += delta_ms
-        changed, purged = self.run(self.store.fire_timers(now_ms=self.now))
+        changed, due_count = self.run(self.store.fire_timers(now_ms=self.now))
         due = sorted((c.timer_at(), c.command_id) for c in self.model.values())
-        expected_changed, expected_purged = [], 0
+        expected_changed, expected_due = [], 0
         for at_ms, command_id in due:
             if at_ms > self.now:
                 break
+            expected_due += 1
             command = self.model[command_id]
             if command.status in TERMINAL:
                 self._purge(command_id)
-                expected_purged += 1
-            else:
-                command.move(t.EXPIRED if command.attempt == 0 else t.UNKNOWN, self.now)
+            elif command.status in (t.ACCEPTED, t.QUEUED) and command.attempt == 0:
+                command.move(t.EXPIRED, self.now)
+                expected_changed.append(command_id)
+            else:  # on the wire past its result deadline, or sent once and expired since
+                command.move(t.UNKNOWN, self.now)
                 expected_changed.append(command_id)
         assert [c.command_id for c in changed] == expected_changed
-        assert purged == expected_purged
+        assert due_count == expected_due
 
     @rule()
     def reopen_and_recover(self) -> None:
@@ -918,6 +939,7 @@ class StoreMachine(RuleBasedStateMachine):
             command = self.model[command_id]
             if command.status in (t.ACCEPTED, t.DELIVERED):
                 command.move(t.QUEUED, self.now)
+                command.result_deadline_ms = 0
 
     # -- invariants -------------------------------------------------------------------------------
 
@@ -1076,3 +1098,151 @@ async def test_an_older_folder_larger_than_the_configured_map_still_opens(
     await store.writer.submit(downgrade)
     store = await open_store(**sizes)  # the index no longer fits the configured 64 KiB
     assert store.pending == 500
+
+
+# -- faults: re-queued deadlines, late commits, clock, space -----------------------------------
+
+
+async def test_a_requeued_command_waits_for_its_expiry_not_its_old_result_deadline(
+    store: Store,
+) -> None:
+    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
+    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
+    [requeued] = await store.requeue([cid], now_ms=T0 + 5_000)
+    assert (requeued.status, requeued.result_deadline_ms) == (t.QUEUED, 0)
+    # The first attempt's deadline (T0 + 10_001) passes: nothing happens, TTL is left.
+    assert await store.fire_timers(now_ms=T0 + 30_000) == ([], 0)
+    # Back on the wire: a fresh result deadline from the new delivery.
+    [again] = await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 40_000)
+    assert (again.attempt, again.result_deadline_ms) == (2, T0 + 50_000)
+    assert await store.fire_timers(now_ms=T0 + 49_999) == ([], 0)
+    changed, _ = await store.fire_timers(now_ms=T0 + 50_000)
+    assert [(c.command_id, c.status) for c in changed] == [(cid, t.UNKNOWN)]
+
+
+async def test_a_requeued_command_whose_car_never_returns_is_unknown_at_its_expiry(
+    store: Store,
+) -> None:
+    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
+    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
+    await store.requeue([cid], now_ms=T0 + 2)
+    assert await store.fire_timers(now_ms=T0 + 59_999) == ([], 0)
+    changed, _ = await store.fire_timers(now_ms=T0 + 60_000)
+    assert [(c.command_id, c.status) for c in changed] == [(cid, t.UNKNOWN)]
+    assert "expired before the car was back" in changed[0].status_reason
+    # Never re-sent after its expiry; a late result (the car did run it) still refines it.
+    assert await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 60_001) == []
+    refined = await store.record_result(
+        cid, vehicle_id="car-1", success=True, message="", detail=b"", now_ms=T0 + 61_000
+    )
+    assert refined is not None and refined.status == t.SUCCEEDED
+
+
+async def test_a_requeued_command_the_car_has_gets_a_new_deadline_when_acked(
+    store: Store,
+) -> None:
+    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
+    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
+    await store.requeue([cid], now_ms=T0 + 2)
+    acked = await store.mark_acked(cid, now_ms=T0 + 20_000, result_timeout_ms=10_000)
+    assert acked is not None and acked.result_deadline_ms == T0 + 30_000
+    assert await store.fire_timers(now_ms=T0 + 29_999) == ([], 0)
+
+
+async def test_recovery_clears_result_deadlines_of_what_was_on_the_wire(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store()
+    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
+    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
+    store = await open_store()
+    await store.recover(now_ms=T0 + 5_000)
+    command = await store.get(cid)
+    assert (command.status, command.result_deadline_ms, command.attempt) == (t.QUEUED, 0, 1)
+    assert await store.fire_timers(now_ms=T0 + 30_000) == ([], 0)  # not UNKNOWN at 10 s
+
+
+async def test_a_command_past_its_commit_deadline_is_not_written(store: Store) -> None:
+    late = new("car-1", idempotency_key="k")._replace(commit_by_s=time.monotonic() - 1)
+    on_time = new("car-2")._replace(commit_by_s=time.monotonic() + 60)
+    refused, created = await store.create([late, on_time], online=(), now_ms=T0)
+    assert isinstance(refused, NotCommittedInTime)
+    assert refused.retry_after_ms is not None and "nothing was written" in refused.message
+    assert isinstance(created, Created)
+    state = await dump(store)
+    assert list(state.commands) == [created.command.command_id]
+    assert state.idem == {}
+
+
+async def test_abandon_cancels_unsent_and_frees_the_idempotency_key(store: Store) -> None:
+    first = await create_one(store, new(idempotency_key="k"), now_ms=T0, online={"car-1"})
+    [abandoned] = await store.abandon([first.command.command_id], now_ms=T0 + 1)
+    assert abandoned.status == t.CANCELED and "never sent" in abandoned.status_reason
+    retry = await create_one(store, new(idempotency_key="k"), now_ms=T0 + 2)
+    assert not retry.deduplicated
+    assert retry.command.command_id != first.command.command_id
+    assert await store.abandon([first.command.command_id], now_ms=T0 + 3) == []  # terminal
+
+
+async def test_the_highest_time_written_survives_a_reopen(open_store: OpenStore) -> None:
+    store = await open_store()
+    assert store.clock_high_water_ms == 0
+    await create_id(store, new(), now_ms=T0)
+    cid = await create_id(store, new(), now_ms=T0 + 10)
+    await store.cancel(cid, now_ms=T0 + 500)
+    await store.get(cid)  # a read writes no time
+    store = await open_store()
+    assert store.clock_high_water_ms == T0 + 500
+
+
+async def test_short_of_room_new_work_is_refused_and_terminal_commands_are_reclaimed(
+    open_store: OpenStore,
+) -> None:
+    # A 1 MiB map with 512 KiB kept in reserve: fill it past the reserve with queued
+    # commands, finish them, and the sweep purges them ahead of their retention.
+    store = await open_store(
+        map_size=1 << 20, map_size_max=1 << 20, fsync=False, reserve_bytes=512 << 10,
+        retention_ms=86_400_000,
+    )  # fmt: skip
+    assert store.space_problem() is None
+    ids: list[str] = []
+    while store.space_problem() is None:
+        results = await store.create(
+            # one overflow page each: LMDB reuses freed single pages reliably
+            [new(f"car-{i}", payload=bytes(3000)) for i in range(8)],
+            online=(),
+            now_ms=T0,
+        )
+        ids += [r.command.command_id for r in results if isinstance(r, Created)]
+        await asyncio.sleep(SPACE_CHECK_INTERVAL_S)  # the room is measured after commits
+    assert "map" in (store.space_problem() or "")
+    assert store.space_problem(critical=True) is None  # critical may use half the reserve
+    for cid in ids:
+        await store.cancel(cid, now_ms=T0 + 1)
+    while store.space_problem() is not None:
+        changed, _ = await store.fire_timers(now_ms=T0 + 2)
+        assert changed == []
+        await asyncio.sleep(SPACE_CHECK_INTERVAL_S)
+    remaining = await dump(store)
+    assert len(remaining.commands) < len(ids)  # purged ahead of the day's retention
+
+
+async def test_a_failed_commit_fails_only_the_writes_that_do_not_fit(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store(map_size=64 << 10, map_size_max=64 << 10, fsync=False)
+    kept = await create_id(store, new(), now_ms=T0)
+    with pytest.raises(StoreUnavailable):
+        for _ in range(1_000):
+            await store.create(
+                [new(f"car-{i}", payload=bytes(3000)) for i in range(4)], online=(), now_ms=T0
+            )
+    # A write that cannot fit and reads in the same group: the reads are answered.
+    too_big = store.create([new(payload=bytes(60_000))], online=(), now_ms=T0)
+    read = store.get(kept)
+    loaded = store.load_pending(["car-1"])
+    results = await asyncio.gather(too_big, read, loaded, return_exceptions=True)
+    assert isinstance(results[0], StoreUnavailable)
+    assert "map" in results[0].message and results[0].retry_after_ms is not None
+    assert results[1].command_id == kept
+    assert kept in {c.command_id for c in results[2]["car-1"]}

@@ -16,7 +16,7 @@ from tests.conftest import Running
 
 def _client(running: Running, retries: int = 0) -> BrokerClient:
     client = BrokerClient(
-        running.target, token=running.service_token("send", "read"), max_pushback_retries=retries
+        running.target, token=running.service_token("send", "read"), max_retries=retries
     )
     running._closers.append(client.close)
     return client

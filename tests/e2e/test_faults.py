@@ -1,0 +1,347 @@
+"""Faults an operations team meets on day one, each against a real broker and real LMDB:
+lost streams, silent cars, clock steps, a stalled store, a full map, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+import pytest
+
+from broker import clock
+from broker.auth import issue_token
+from broker.client import BrokerClient, BrokerRpcError
+from broker.config import DEFAULT_COMMANDS, CommandPolicy
+from broker.v1 import types_pb2 as t
+from broker.v1 import vehicle_link_pb2 as link
+from tests.conftest import SECRET, Running, eventually
+
+#: unlock with a 1 s result timeout, so a stale deadline would show within the test
+QUICK_RESULTS = MappingProxyType(
+    {**DEFAULT_COMMANDS, "unlock": CommandPolicy(t.CRITICAL, ttl_s=60, result_timeout_s=1.0)}
+)
+
+
+async def _ok(payload: bytes) -> bool:
+    return True
+
+
+class RawCar:
+    """A car written against the bare protocol: Hello, Welcome, then nothing unless told.
+
+    It reads no frame after the Welcome, so a command the broker writes to it is on the
+    wire but never reaches the car's logic: what a link that died mid-frame leaves."""
+
+    def __init__(self, target: str, vehicle_id: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        token = issue_token(SECRET, vehicle=vehicle_id)
+        self.call: Any = self.channel.stream_stream(
+            "/broker.v1.VehicleLink/Connect",
+            request_serializer=link.VehicleFrame.SerializeToString,
+            response_deserializer=link.BrokerFrame.FromString,
+        )(metadata=(("authorization", f"Bearer {token}"),))
+
+    async def hello(self) -> Any:
+        await self.call.write(link.VehicleFrame(hello=link.Hello(firmware="raw")))
+        frame = await self.call.read()
+        assert frame.WhichOneof("kind") == "welcome"
+        return frame.welcome
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+@pytest.fixture
+async def cars() -> AsyncIterator[Callable[..., Any]]:
+    """`await cars(running, "car-1", **agent kwargs)`: a connected VehicleAgent."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def connect(on: Running, vehicle_id: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("handlers", {"unlock": _ok, "lock": _ok, "climate": _ok})
+        agent = on.agent(vehicle_id, **kwargs)
+        tasks.append(asyncio.create_task(agent.run()))
+        await asyncio.wait_for(agent.connected.wait(), 5)
+        return agent
+
+    yield connect
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _status(client: BrokerClient, command_id: str, wanted: int, **kw: Any) -> Any:
+    return await eventually(
+        lambda: client.get_command(command_id),
+        lambda c: c.status == wanted,
+        what=f"{command_id} reaching {t.CommandStatus.Name(wanted)}",
+        **kw,
+    )
+
+
+# -- a lost stream: re-queued, re-sent with a new deadline, run once ---------------------------
+
+
+async def test_a_requeued_command_is_resent_when_its_car_returns_not_timed_out(
+    start_broker: Callable[..., Any], cars: Any
+) -> None:
+    running = await start_broker(commands=QUICK_RESULTS, sweep_interval_s=0.05)
+    client = running.client()
+    raw = RawCar(running.target, "car-1")
+    await raw.hello()
+    reply = await client.send_command("car-1", "unlock")
+    command_id = reply.command.command_id
+    await _status(client, command_id, t.DELIVERED)
+    await raw.close()  # the link is gone before the car read the command
+    await _status(client, command_id, t.QUEUED)
+    # Past the first attempt's 1 s result deadline, with 60 s of TTL left: still queued.
+    await asyncio.sleep(2.0)
+    command = await client.get_command(command_id)
+    assert (command.status, command.result_deadline_ms) == (t.QUEUED, 0)
+    agent = await cars(running, "car-1")
+    done = await _status(client, command_id, t.SUCCEEDED)
+    assert done.attempt == 2
+    assert agent.executed == [command_id]
+
+
+# -- a silent car: its stream is closed by the heartbeat check ---------------------------------
+
+
+async def test_a_car_that_goes_silent_is_seen_gone_and_one_that_heartbeats_is_not(
+    start_broker: Callable[..., Any], cars: Any
+) -> None:
+    running = await start_broker(heartbeat_interval_s=0.2, liveness_timeout_s=1.0)
+    client = running.client()
+    # The raw car's connection stays up and answers HTTP/2 PINGs (as a proxy in front of
+    # a dead car would), but it sends no frame: only the heartbeat check can tell.
+    raw = RawCar(running.target, "car-silent")
+    welcome = await raw.hello()
+    assert (welcome.heartbeat_interval_ms, welcome.liveness_timeout_ms) == (200, 1000)
+    agent = await cars(running, "car-alive")
+    assert (await client.get_vehicle_state("car-silent")).connected
+    await eventually(
+        lambda: client.get_vehicle_state("car-silent"),
+        lambda state: not state.connected,
+        timeout_s=5,
+        what="the silent car shown as disconnected",
+    )
+    assert running.broker.dead_links >= 1
+    reply = await client.send_command("car-silent", "unlock")
+    assert reply.command.status == t.QUEUED  # waits for the car, not for a dead stream
+    await asyncio.sleep(1.5)  # several liveness timeouts of an idle, heartbeating car
+    assert (await client.get_vehicle_state("car-alive")).connected
+    assert agent.connects == 1
+    await raw.close()
+
+
+# -- clock steps: deadlines keep to steady time ---------------------------------------------
+
+
+class SteppedWall:
+    """A wall clock the test can step, as NTP or an operator would."""
+
+    def __init__(self) -> None:
+        self.offset_ns = 0
+
+    def __call__(self) -> int:
+        return time.time_ns() + self.offset_ns
+
+    def step(self, seconds: float) -> None:
+        self.offset_ns += int(seconds * 1e9)
+
+
+@pytest.fixture
+def wall() -> Any:
+    stepped = SteppedWall()
+    previous = clock.install(clock.Clock(wall_ns=stepped))
+    yield stepped
+    clock.install(previous)
+
+
+async def test_a_wall_clock_step_back_does_not_make_a_command_run_late(
+    wall: SteppedWall, start_broker: Callable[..., Any], cars: Any
+) -> None:
+    running = await start_broker(sweep_interval_s=0.05)
+    client = running.client()
+    reply = await client.send_command("car-1", "unlock", ttl_s=2)
+    wall.step(-30)
+    expired = await _status(client, reply.command.command_id, t.EXPIRED, timeout_s=5)
+    assert expired.expires_at_ms - expired.created_at_ms == 2000
+    assert expired.updated_at_ms - expired.created_at_ms < 3000  # by steady time
+    agent = await cars(running, "car-1")
+    await asyncio.sleep(0.3)
+    assert agent.executed == []
+
+
+async def test_a_wall_clock_step_forward_expires_nothing_and_keeps_idempotency(
+    wall: SteppedWall, start_broker: Callable[..., Any]
+) -> None:
+    running = await start_broker(sweep_interval_s=0.05)
+    client = running.client()
+    first = await client.send_command("car-1", "climate", ttl_s=60, idempotency_key="k-1")
+    wall.step(25 * 3600)
+    await asyncio.sleep(0.5)  # ten sweeps
+    assert (await client.get_command(first.command.command_id)).status == t.QUEUED
+    again = await client.send_command("car-1", "climate", ttl_s=60, idempotency_key="k-1")
+    assert again.deduplicated and again.command.command_id == first.command.command_id
+
+
+async def test_after_a_restart_broker_time_never_goes_behind_what_is_stored(
+    wall: SteppedWall, start_broker: Callable[..., Any], tmp_path: Any
+) -> None:
+    running = await start_broker(data_dir=tmp_path / "clock")
+    reply = await running.client().send_command("car-1", "climate", ttl_s=60)
+    await running.close()
+    await running.broker.stop(0.1)
+    wall.step(-3600)  # set back an hour while the broker was down
+    clock.current().anchor()  # as a new process would start
+    restarted = await start_broker(data_dir=tmp_path / "clock")
+    assert clock.now_ms() >= reply.command.created_at_ms
+    command = await restarted.client().get_command(reply.command.command_id)
+    assert command.status == t.QUEUED  # 60 s of TTL did not become 61 minutes
+
+
+# -- a stalled store: nothing runs after its caller was told it failed ------------------------
+
+
+def _stall(running: Running) -> tuple[threading.Event, Any]:
+    """Block the LMDB thread until the event is set (as fsfreeze or a dying disk would)."""
+    gate = threading.Event()
+    blocked = running.broker.store.writer.submit(lambda txn: gate.wait(10))
+    return gate, blocked
+
+
+async def test_a_command_whose_caller_gave_up_during_a_stall_is_never_written(
+    running: Running, cars: Any
+) -> None:
+    agent = await cars(running, "car-1")
+    impatient = BrokerClient(running.target, token=running.service_token(), timeout_s=0.5)
+    gate, blocked = _stall(running)
+    with pytest.raises(BrokerRpcError) as refused:
+        await impatient.send_command("car-1", "unlock")
+    assert refused.value.code == "DEADLINE_EXCEEDED"
+    gate.set()
+    await blocked
+    await asyncio.sleep(0.3)
+    assert await running.client().list_commands("car-1") == []
+    assert agent.executed == []
+    await impatient.close()
+
+
+async def test_a_command_committed_after_its_callers_deadline_is_abandoned_unsent(
+    running: Running, cars: Any
+) -> None:
+    agent = await cars(running, "car-1")
+    impatient = BrokerClient(running.target, token=running.service_token(), timeout_s=0.6)
+    gate, blocked = _stall(running)
+    sending = asyncio.create_task(impatient.send_command("car-1", "unlock"))
+    await asyncio.sleep(0.15)  # the create is queued behind the stall
+    # Committed in one group with a slow operation queued after it: its commit lands
+    # after the caller's deadline although its write ran before it.
+    slow = running.broker.store.writer.submit(lambda txn: time.sleep(1.0))
+    gate.set()
+    with pytest.raises(BrokerRpcError) as refused:
+        await sending
+    assert refused.value.code == "DEADLINE_EXCEEDED"
+    await blocked
+    await slow
+    client = running.client()
+    [command] = await eventually(
+        lambda: client.list_commands("car-1"),
+        lambda found: [c.status for c in found] == [t.CANCELED],
+        what="the late command abandoned",
+    )
+    assert "never sent" in command.status_reason
+    await asyncio.sleep(0.3)
+    assert agent.executed == []
+    await impatient.close()
+
+
+async def test_a_critical_command_stuck_behind_a_stall_is_refused_and_retried_once(
+    start_broker: Callable[..., Any],
+) -> None:
+    running = await start_broker(critical_commit_wait_s=0.3)
+    client = running.client()
+    gate, blocked = _stall(running)
+    threading.Timer(1.0, gate.set).start()
+    reply = await client.send_command("car-1", "unlock")  # the SDK retries the refusal
+    await blocked
+    assert client.retries >= 1
+    listed = await client.list_commands("car-1")
+    assert [c.command_id for c in listed] == [reply.command.command_id]
+
+
+# -- a full map: refuse early, keep serving what was accepted, recover in place ---------------
+
+
+async def test_a_full_map_refuses_new_work_drains_what_it_has_and_recovers_without_restart(
+    start_broker: Callable[..., Any], cars: Any
+) -> None:
+    running = await start_broker(
+        map_size_mb=1, map_size_max_mb=2, store_reserve_mb=1, sweep_interval_s=0.05
+    )
+    strict = BrokerClient(running.target, token=running.service_token(), max_retries=0)
+    accepted: list[str] = []
+    refusal = None
+    for index in range(5_000):
+        try:
+            reply = await strict.send_command(f"car-{index % 10}", "config", bytes(400))
+        except BrokerRpcError as exc:
+            refusal = exc
+            break
+        accepted.append(reply.command.command_id)
+    assert refusal is not None, "a 2 MiB map never filled"
+    assert refusal.code == "UNAVAILABLE" and refusal.retry_after_ms is not None
+    assert "map" in refusal.message and "nothing accepted is lost" in refusal.message
+    assert len(accepted) > 100
+    # Parked cars connect to the full store: their queues load and drain completely.
+    agents = [await cars(running, f"car-{i}", handlers={"config": _ok}) for i in range(10)]
+
+    async def executed() -> list[str]:
+        return [command_id for agent in agents for command_id in agent.executed]
+
+    ran = await eventually(
+        executed, lambda ids: len(ids) >= len(accepted), timeout_s=30, what="the drain"
+    )
+    assert sorted(ran) == sorted(accepted)  # every one, once
+    # Finished commands are purged ahead of their retention until there is room again.
+    recovered = await eventually(
+        lambda: _try_send(strict, "car-0"),
+        timeout_s=30,
+        interval_s=0.2,
+        what="a new command accepted again",
+    )
+    assert recovered.command.status in (t.DELIVERED, t.SUCCEEDED, t.ACCEPTED)
+    await strict.close()
+
+
+async def _try_send(client: BrokerClient, vehicle_id: str) -> Any:
+    try:
+        return await client.send_command(vehicle_id, "config", bytes(400))
+    except BrokerRpcError:
+        return None
+
+
+# -- shutdown: waiting calls answered with their status ----------------------------------------
+
+
+async def test_shutdown_answers_waiting_calls_with_their_commands_status(
+    start_broker: Callable[..., Any],
+) -> None:
+    running = await start_broker(drain_delay_s=0.3, grace_s=10)
+    client = running.client()
+    waiting = asyncio.create_task(
+        client.send_command("car-parked", "unlock", wait="result", timeout_s=60)
+    )
+    await eventually(lambda: client.list_commands("car-parked"), what="the waiting call's command")
+    started = time.monotonic()
+    await running.broker.stop()
+    reply = await waiting
+    assert reply.command.command_id and reply.command.status == t.QUEUED
+    assert reply.wait_timed_out
+    assert time.monotonic() - started < 5  # done when drained, not after the 10 s grace
