@@ -67,6 +67,9 @@ def memory_mb(pid: int) -> dict[str, float]:
 class BrokerProcess:
     """A broker on 127.0.0.1 over `data_dir`, its stdout and stderr appended to `log_path`.
 
+    `host` and `prefix` run it elsewhere on this machine: e.g. `prefix=("ip", "netns",
+    "exec", NS)` with `host` an address of a network namespace the caller made.
+
     With `secret` it requires tokens signed with it (BROKER_AUTH_SECRET), without it runs
     `--insecure-dev`. Its environment is `clean_env(env)`; `args` go after the others.
     `port=0` takes a free port (read from the "broker ready on HOST:PORT ..." line); a
@@ -82,8 +85,12 @@ class BrokerProcess:
         port: int = 0,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        host: str = LOOPBACK,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.data_dir = data_dir
+        self.host = host
+        self.prefix = list(prefix)
         self.log_path = log_path
         self.port = port
         self.secret = secret
@@ -105,7 +112,7 @@ class BrokerProcess:
 
     @property
     def target(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -128,6 +135,7 @@ class BrokerProcess:
             offset = log.tell()  # where this run's output starts
             self._proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     *(sys.executable, "-m", "broker.cli", "serve"),
                     *("--listen", self.target, "--data", str(self.data_dir)),
                     *([] if self.secret else ["--insecure-dev"]),

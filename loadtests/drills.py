@@ -4,9 +4,11 @@
     python -m loadtests.drills crash-and-replant [--cars 300 --kills 2]
     python -m loadtests.drills offline-hour
     python -m loadtests.drills stale-position
+    python -m loadtests.drills link-loss         [--down-s 120]   (root: network namespaces)
     python -m loadtests.drills all
 
-Each drill starts a real broker subprocess on 127.0.0.1 (fresh LMDB in a temp folder),
+Each drill starts a real broker subprocess on 127.0.0.1 (link-loss: inside a network
+namespace it makes, see loadtests/netns.py; fresh LMDB in a temp folder),
 drives it with simulated cars and a service client from this process, prints a verdict
 table and exits non-zero when a check fails. Everything is bounded in time and count.
 `tests/e2e/test_drills.py` runs the same drills at CI scale.
@@ -37,6 +39,7 @@ from broker.client import BrokerClient, BrokerRpcError
 from broker.simulator import SimulatedFleet
 from broker.store import TERMINAL
 from broker.v1 import types_pb2 as t
+from loadtests import netns
 from loadtests._util import latency_ms
 from loadtests.broker_process import LOOPBACK, BrokerProcess
 
@@ -510,11 +513,135 @@ async def stale_position(workdir: Path) -> Verdict:
     return verdict
 
 
+# -- link loss ----------------------------------------------------------------------------------
+
+
+async def link_loss(
+    workdir: Path,
+    *,
+    down_s: float = 120.0,
+    keepalive_s: float = 10.0,
+    heartbeat_interval_s: float = 10.0,
+    liveness_timeout_s: float = 25.0,
+) -> Verdict:
+    """A car's link dies without FIN or RST for `down_s`, then comes back (defaults: the
+    SDK's and the broker's own settings). The broker must see the car gone within its
+    liveness timeout (plus one check interval), queue an unlock sent meanwhile, and the
+    car must reconnect by itself and run that unlock exactly once.
+    """
+    verdict = Verdict("link-loss")
+    reason = netns.unavailable()
+    if reason is not None:
+        verdict.check("network namespaces available", False, reason)
+        return verdict
+    secret = "drill-secret-" + "0" * 16
+    with netns.Hosts() as hosts:
+        broker = BrokerProcess(
+            workdir / "data",
+            workdir / "broker.log",
+            secret=secret,
+            host="0.0.0.0",  # inside its own namespace: the car's link and ours
+            prefix=hosts.run_in("broker"),
+            env={
+                "BROKER_HEARTBEAT_INTERVAL_S": str(heartbeat_interval_s),
+                "BROKER_LIVENESS_TIMEOUT_S": str(liveness_timeout_s),
+            },
+        )
+        await broker.astart()
+        from broker.auth import issue_token
+
+        token = issue_token(secret, service="drill", scopes=("send", "read"))
+        client = BrokerClient(f"{netns.BROKER_FROM_ROOT}:{broker.port}", token=token)
+        car = await netns.start_car(
+            hosts, f"{netns.BROKER_ADDRESS}:{broker.port}", "cell-car", secret, keepalive_s
+        )
+        try:
+            await _link_loss_phases(verdict, client, car, hosts, down_s, liveness_timeout_s)
+        finally:
+            if hosts.cut_now:
+                hosts.restore()
+            await car.stop()
+            await client.close()
+            await broker.astop()
+    verdict.figures["settings"] = (
+        f"down {down_s:g} s, car keepalive {keepalive_s:g} s, heartbeat "
+        f"{heartbeat_interval_s:g} s, liveness timeout {liveness_timeout_s:g} s"
+    )
+    return verdict
+
+
+async def _link_loss_phases(
+    verdict: Verdict,
+    client: BrokerClient,
+    car: netns.CarEvents,
+    hosts: netns.Hosts,
+    down_s: float,
+    liveness_timeout_s: float,
+) -> None:
+    first = await car.wait("connected", 1, 30)
+    verdict.check("the car connects through its namespace", first is not None)
+    if first is None:
+        return
+    before = await client.send_command("cell-car", "unlock", wait="result", timeout_s=10)
+    verdict.check(
+        "an unlock before the cut succeeds", before.command.status == t.SUCCEEDED,
+        t.CommandStatus.Name(before.command.status),
+    )  # fmt: skip
+    hosts.cut()
+    cut_at = time.monotonic()
+    gone_after_s = None
+    while time.monotonic() - cut_at < down_s:
+        if gone_after_s is None:
+            state = await client.get_vehicle_state("cell-car")
+            if not state.connected:
+                gone_after_s = time.monotonic() - cut_at
+        await asyncio.sleep(0.25)
+    bound_s = liveness_timeout_s * 1.125 + 1
+    verdict.check(
+        f"the broker sees the car gone within {bound_s:g} s",
+        gone_after_s is not None and gone_after_s <= bound_s,
+        f"after {gone_after_s:.1f} s" if gone_after_s is not None else "never",
+    )
+    lost = car.of("lost")
+    if lost:
+        verdict.figures["car noticed the dead link after s"] = round(lost[0]["seen_at"] - cut_at, 1)
+    queued = await client.send_command("cell-car", "unlock", ttl_s=down_s + 120)
+    verdict.check(
+        "an unlock sent during the cut is queued",
+        queued.command.status == t.QUEUED,
+        t.CommandStatus.Name(queued.command.status),
+    )
+    hosts.restore()
+    restored_at = time.monotonic()
+    back = await car.wait("connected", 2, 120)
+    verdict.check(
+        "the car reconnects by itself after the link returns",
+        back is not None,
+        f"after {back['seen_at'] - restored_at:.1f} s" if back else "not within 120 s",
+    )
+    if back is not None:
+        verdict.figures["reconnected after the link returned, s"] = round(
+            back["seen_at"] - restored_at, 1
+        )
+    command_id = queued.command.command_id
+    ran = await car.wait("executed", 2, 30)
+    final = await client.get_command(command_id)
+    runs = [e for e in car.of("executed") if e["command_id"] == command_id]
+    verdict.check(
+        "the queued unlock ran exactly once",
+        final.status == t.SUCCEEDED and len(runs) == 1 and ran is not None,
+        f"{t.CommandStatus.Name(final.status)}, executed {len(runs)}x",
+    )
+    if gone_after_s is not None:
+        verdict.figures["broker saw the car gone after s"] = round(gone_after_s, 1)
+
+
 DRILLS: dict[str, Callable[..., Awaitable[Verdict]]] = {
     "verbosity-storm": verbosity_storm,
     "crash-and-replant": crash_and_replant,
     "offline-hour": offline_hour,
     "stale-position": stale_position,
+    "link-loss": link_loss,
 }
 
 
@@ -524,6 +651,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cars", type=int, help="simulated cars (storm, crash)")
     parser.add_argument("--kills", type=int, help="kill -9 count (crash)")
     parser.add_argument("--unlocks", type=int, help="unlocks per phase (storm)")
+    parser.add_argument("--down-s", type=float, help="how long the link is cut (link-loss)")
     parser.add_argument("--time-limit-s", type=float, default=600, help="stop after this long")
     return parser.parse_args(argv)
 
@@ -539,6 +667,8 @@ async def run(args: argparse.Namespace) -> list[Verdict]:
             options["kills"] = args.kills
         if args.unlocks and name == "verbosity-storm":
             options["unlocks_per_phase"] = args.unlocks
+        if args.down_s and name == "link-loss":
+            options["down_s"] = args.down_s
         with tempfile.TemporaryDirectory(prefix=f"drill-{name}-") as workdir:
             verdict = await asyncio.wait_for(
                 DRILLS[name](Path(workdir), **options), args.time_limit_s

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import drills
+from loadtests import drills, netns
 
 pytestmark = pytest.mark.slow
 
@@ -38,3 +38,15 @@ async def test_offline_hour(tmp_path: Path) -> None:
 
 async def test_stale_position(tmp_path: Path) -> None:
     _passed(await drills.stale_position(tmp_path))
+
+
+async def test_link_loss(tmp_path: Path) -> None:
+    """A half-open link (no FIN, no RST) inside network namespaces the drill makes."""
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(f"link-loss drill: {reason}")
+    _passed(
+        await drills.link_loss(
+            tmp_path, down_s=12, keepalive_s=4, heartbeat_interval_s=1, liveness_timeout_s=3
+        )
+    )

@@ -4,9 +4,12 @@ lost streams, silent cars, clock steps, a stalled store, a full map, shutdown.""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -17,6 +20,7 @@ from broker import clock
 from broker.auth import issue_token
 from broker.client import BrokerClient, BrokerRpcError
 from broker.config import DEFAULT_COMMANDS, CommandPolicy
+from broker.errors import StoreUnavailable, pushback_ms
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 from tests.conftest import SECRET, Running, eventually
@@ -276,7 +280,7 @@ async def test_a_critical_command_stuck_behind_a_stall_is_refused_and_retried_on
     assert [c.command_id for c in listed] == [reply.command.command_id]
 
 
-# -- a full map: refuse early, keep serving what was accepted, recover in place ---------------
+# -- a full map or disk: refuse early, keep serving what was accepted, recover in place ------
 
 
 async def test_a_full_map_refuses_new_work_drains_what_it_has_and_recovers_without_restart(
@@ -285,19 +289,59 @@ async def test_a_full_map_refuses_new_work_drains_what_it_has_and_recovers_witho
     running = await start_broker(
         map_size_mb=1, map_size_max_mb=2, store_reserve_mb=1, sweep_interval_s=0.05
     )
+    # Finished commands are purged ahead of their retention until there is room again.
+    await _fill_drain_recover(running, cars, cause="map", make_room=None)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs mounted for the test (root only), unmounted after it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+async def test_a_full_disk_refuses_new_work_drains_what_it_has_and_recovers_when_freed(
+    start_broker: Callable[..., Any], cars: Any, small_disk: Path
+) -> None:
+    running = await start_broker(
+        data_dir=small_disk / "data", map_size_mb=1, store_reserve_mb=4, sweep_interval_s=0.05
+    )
+    # Leave 6 MiB free: 2 MiB past the reserve.
+    free = os.statvfs(small_disk)
+    filler = small_disk / "filler"
+    filler.write_bytes(bytes(free.f_bavail * free.f_frsize - (6 << 20)))
+    await _fill_drain_recover(running, cars, cause="disk", make_room=filler.unlink)
+
+
+async def _fill_drain_recover(
+    running: Running, cars: Any, *, cause: str, make_room: Callable[[], None] | None
+) -> None:
     strict = BrokerClient(running.target, token=running.service_token(), max_retries=0)
     accepted: list[str] = []
     refusal = None
-    for index in range(5_000):
+    for index in range(20_000):
         try:
             reply = await strict.send_command(f"car-{index % 10}", "config", bytes(400))
         except BrokerRpcError as exc:
             refusal = exc
             break
         accepted.append(reply.command.command_id)
-    assert refusal is not None, "a 2 MiB map never filled"
+    assert refusal is not None, "the store never filled"
     assert refusal.code == "UNAVAILABLE" and refusal.retry_after_ms is not None
-    assert "map" in refusal.message and "nothing accepted is lost" in refusal.message
+    assert cause in refusal.message and "nothing accepted is lost" in refusal.message
     assert len(accepted) > 100
     # Parked cars connect to the full store: their queues load and drain completely.
     agents = [await cars(running, f"car-{i}", handlers={"config": _ok}) for i in range(10)]
@@ -309,7 +353,8 @@ async def test_a_full_map_refuses_new_work_drains_what_it_has_and_recovers_witho
         executed, lambda ids: len(ids) >= len(accepted), timeout_s=30, what="the drain"
     )
     assert sorted(ran) == sorted(accepted)  # every one, once
-    # Finished commands are purged ahead of their retention until there is room again.
+    if make_room is not None:
+        make_room()
     recovered = await eventually(
         lambda: _try_send(strict, "car-0"),
         timeout_s=30,
@@ -345,3 +390,27 @@ async def test_shutdown_answers_waiting_calls_with_their_commands_status(
     assert reply.command.command_id and reply.command.status == t.QUEUED
     assert reply.wait_timed_out
     assert time.monotonic() - started < 5  # done when drained, not after the 10 s grace
+
+
+async def test_a_car_whose_queue_cannot_be_loaded_is_told_when_to_come_back(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = running.broker.store
+
+    def failing_load(vehicle_ids: Any) -> asyncio.Future[Any]:
+        failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        failed.set_exception(StoreUnavailable("the disk is failing"))
+        return failed
+
+    monkeypatch.setattr(store, "load_pending", failing_load)
+    raw = RawCar(running.target, "car-1")
+    await raw.hello()
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while True:
+            await raw.call.read()
+            if raw.call.done():
+                await raw.call  # raises with the stream's status
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    hint = pushback_ms(ended.value.trailing_metadata())
+    assert hint is not None and hint >= 2000  # not a tight reconnect loop
+    await raw.close()
