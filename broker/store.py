@@ -5,7 +5,10 @@ Every operation here runs inside a write transaction on the writer thread (see
 default durability mode — so "accepted" always means "on disk".
 
 Databases (all keys sort bytewise):
-- `commands`   command_id -> Command (protobuf; the record is the wire type)
+- `commands`   command_id -> Command (protobuf; the record is the wire type; a payload
+               over INLINE_PAYLOAD_MAX bytes is kept apart, in `payloads`)
+- `payloads`   command_id -> payload bytes (written once: a status change rewrites the
+               small record only, so draining a full store needs little room)
 - `by_vehicle` vehicle_id 0x00 seq -> command_id          (ListCommands, newest first)
 - `timers`     at_ms command_id -> ""                     (every command's next deadline)
 - `idem`       scope 0x00 idempotency_key -> command_id (scope: the calling principal)
@@ -70,6 +73,8 @@ _NOTHING: Mapping[int, int] = MappingProxyType({})
 _SCHEMA_KEY = b"schema"
 #: 2: the `pending` index exists (a folder written before it gets it built on open)
 _SCHEMA = 2
+#: payloads larger than this live in `payloads`, written once (see the module docstring)
+INLINE_PAYLOAD_MAX = 512
 #: how often (at most) the room left in the map and on the disk is measured
 SPACE_CHECK_INTERVAL_S = 0.2
 #: terminal commands purged ahead of retention per sweep while the store is short of room
@@ -171,7 +176,7 @@ class Store:
             self._env = lmdb.open(
                 str(path),
                 map_size=map_size,
-                max_dbs=8,
+                max_dbs=9,
                 sync=fsync,
                 metasync=fsync,
                 map_async=False,
@@ -329,9 +334,10 @@ class Store:
             self._states = open_db(b"states", txn=txn)
             self._meta = open_db(b"meta", txn=txn)
             self._pending = open_db(b"pending", txn=txn)
+            self._payloads = open_db(b"payloads", txn=txn)
             self._dbs = (
                 self._commands, self._by_vehicle, self._timers, self._idem,
-                self._coalesce, self._states, self._meta, self._pending,
+                self._coalesce, self._states, self._meta, self._pending, self._payloads,
             )  # fmt: skip
             raw_seq: bytes | None = txn.get(_SEQ_KEY, db=self._meta)
             raw_clock = txn.get(_CLOCK_KEY, db=self._meta)
@@ -772,11 +778,31 @@ class Store:
     # -- record helpers (writer thread only) ------------------------------------------------
 
     def _load(self, txn: Any, command_id: str) -> Any | None:
-        blob = txn.get(command_id.encode(), db=self._commands)
-        return None if blob is None else t.Command.FromString(blob)
+        key = command_id.encode()
+        blob = txn.get(key, db=self._commands)
+        if blob is None:
+            return None
+        command = t.Command.FromString(blob)
+        if not command.payload:  # empty, or kept apart
+            payload = txn.get(key, db=self._payloads)
+            if payload is not None:
+                command.payload = payload
+        return command
 
     def _save(self, txn: Any, command: Any) -> None:
-        txn.put(command.command_id.encode(), command.SerializeToString(), db=self._commands)
+        """Write the record; a large payload goes to `payloads` once (on the first save,
+        or the first of a record written inline by an older version) and is left out."""
+        key = command.command_id.encode()
+        payload = command.payload
+        if len(payload) > INLINE_PAYLOAD_MAX:
+            if txn.get(key, db=self._payloads) is None:
+                txn.put(key, payload, db=self._payloads)
+            command.payload = b""
+            blob = command.SerializeToString()
+            command.payload = payload
+        else:
+            blob = command.SerializeToString()
+        txn.put(key, blob, db=self._commands)
 
     def _timer_at(self, command: Any) -> int:
         if command.status in TERMINAL:
@@ -824,3 +850,4 @@ class Store:
             if txn.get(key, db=self._coalesce) == command_id:
                 txn.delete(key, db=self._coalesce)
         txn.delete(command_id, db=self._commands)
+        txn.delete(command_id, db=self._payloads)

@@ -1246,3 +1246,47 @@ async def test_a_failed_commit_fails_only_the_writes_that_do_not_fit(
     assert "map" in results[0].message and results[0].retry_after_ms is not None
     assert results[1].command_id == kept
     assert kept in {c.command_id for c in results[2]["car-1"]}
+
+
+async def test_a_large_payload_is_written_once_and_status_changes_rewrite_only_the_record(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store()
+    payload = bytes(range(256)) * 64  # 16 KiB
+    cid = await create_id(store, new(payload=payload), now_ms=T0, online={"car-1"})
+    [delivered] = await store.mark_delivered([(cid, 30_000)], now_ms=T0 + 1)
+    assert delivered.payload == payload
+
+    def sizes(txn: Any) -> tuple[int, int]:
+        record = txn.get(cid.encode(), db=store._commands)
+        kept = txn.get(cid.encode(), db=store._payloads)
+        return len(record), len(kept)
+
+    record_bytes, kept_bytes = await store.writer.submit(sizes)
+    assert record_bytes < 300 and kept_bytes == len(payload)
+    store = await open_store()
+    await store.recover(now_ms=T0 + 2)
+    [loaded] = (await store.load_pending(["car-1"]))["car-1"]
+    assert loaded.payload == payload and (await store.get(cid)).payload == payload
+    await store.record_result(
+        cid, vehicle_id="car-1", success=True, message="", detail=b"", now_ms=T0 + 3
+    )
+    await store.fire_timers(now_ms=T0 + 3 + RETENTION_MS)  # purged with its payload
+    assert await store.writer.submit(lambda txn: txn.get(cid.encode(), db=store._payloads)) is None
+
+
+async def test_a_large_payload_stored_inline_by_an_older_version_survives_a_status_change(
+    store: Store,
+) -> None:
+    payload = bytes(4000)
+    cid = await create_id(store, new(payload=payload), now_ms=T0)
+
+    def as_before(txn: Any) -> None:  # the record as the previous layout wrote it
+        command = t.Command.FromString(txn.get(cid.encode(), db=store._commands))
+        command.payload = payload
+        txn.put(cid.encode(), command.SerializeToString(), db=store._commands)
+        txn.delete(cid.encode(), db=store._payloads)
+
+    await store.writer.submit(as_before)
+    await store.cancel(cid, now_ms=T0 + 1)
+    assert (await store.get(cid)).payload == payload
