@@ -303,7 +303,8 @@ def _emit(args: argparse.Namespace, command: Any, **extra: Any) -> None:
 
 async def _client_command(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("BROKER_TOKEN")
-    async with BrokerClient(args.target, token=token) as client:
+    # A person at a prompt wants to hear at once that the broker is not there.
+    async with BrokerClient(args.target, token=token, reconnect_wait_s=0) as client:
         if args.cmd == "send":
             payload = None
             if args.payload is not None:

@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -97,15 +97,19 @@ class BrokerClient:
         channel: grpc.aio.Channel | None = None,
         timeout_s: float = 30.0,
         max_retries: int = 8,
+        reconnect_wait_s: float = 15.0,
     ) -> None:
         """`max_retries`: how often a call that failed with UNAVAILABLE is retried, after
         the broker's pushback hint or a jittered backoff, within its timeout (0
-        disables). Safe: reads change nothing, sends carry an idempotency key."""
+        disables). Safe: reads change nothing, sends carry an idempotency key.
+        `reconnect_wait_s`: how long a call lost in transit waits for the broker to be
+        reachable again (a restart), within its timeout; 0 fails at once."""
         self._channel = channel or grpc.aio.insecure_channel(target)
         self._owns_channel = channel is None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout_s = timeout_s
         self._max_retries = max_retries
+        self._reconnect_wait_s = reconnect_wait_s
         #: calls refused with a pushback hint
         self.pushbacks = 0
         #: retries made (after a pushback hint or a failure in transit)
@@ -131,21 +135,35 @@ class BrokerClient:
         )
         deadline = time.monotonic() + (timeout_s or self._timeout_s)
         retries = 0
+        reconnect_by: float | None = None  # set once a try is lost in transit
         while True:
             try:
                 return await call(
-                    request, metadata=self._metadata, timeout=deadline - time.monotonic()
+                    request,
+                    metadata=self._metadata,
+                    timeout=min(deadline, reconnect_by or deadline) - time.monotonic(),
+                    wait_for_ready=reconnect_by is not None,
                 )
             except grpc.aio.AioRpcError as error:
                 refusal = _rpc_error(error)
+                waited_in_vain = reconnect_by is not None and refusal.code == "DEADLINE_EXCEEDED"
+                if waited_in_vain and time.monotonic() < deadline:  # the call had time left
+                    refusal = BrokerRpcError("UNAVAILABLE", "the broker is unreachable")
             if refusal.code != "UNAVAILABLE":
                 raise refusal
             if refusal.retry_after_ms is not None:
                 self.pushbacks += 1
                 delay_s = refusal.retry_after_ms / 1000
-            else:  # lost in transit: back off (full jitter), the broker may be restarting
-                delay_s = random.uniform(0, min(2.0, 0.1 * 2**retries))
-            if retries >= self._max_retries or time.monotonic() + delay_s >= deadline:
+            else:
+                # Lost in transit (the broker restarting, a connection gone): the retry
+                # waits for the channel to be ready again, up to `reconnect_wait_s`.
+                if reconnect_by is None:
+                    reconnect_by = time.monotonic() + self._reconnect_wait_s
+                elif time.monotonic() >= reconnect_by:
+                    raise refusal
+                delay_s = random.uniform(0, min(1.0, 0.05 * 2**retries))
+            give_up_at = min(deadline, reconnect_by or deadline)
+            if retries >= self._max_retries or time.monotonic() + delay_s >= give_up_at:
                 raise refusal
             retries += 1
             self.retries += 1
@@ -190,9 +208,20 @@ class BrokerClient:
         )
 
     async def cancel_command(self, command_id: str) -> Any:
-        return await self._unary(
-            "CancelCommand", svc.CancelCommandRequest(command_id=command_id), t.Command
-        )
+        """Cancel a command not yet delivered. A retry that finds it CANCELED already
+        (the first attempt's reply was lost) returns it rather than failing."""
+        retries_before = self.retries
+        try:
+            return await self._unary(
+                "CancelCommand", svc.CancelCommandRequest(command_id=command_id), t.Command
+            )
+        except BrokerRpcError as error:
+            if error.code != "FAILED_PRECONDITION" or self.retries == retries_before:
+                raise
+            command = await self.get_command(command_id)
+            if command.status != t.CANCELED:
+                raise
+            return command
 
     async def list_commands(self, vehicle_id: str, limit: int = 100) -> list[Any]:
         reply = await self._unary(
@@ -262,8 +291,10 @@ def build_request(
 
 
 def new_idempotency_key() -> str:
-    """A fresh key for one logical send (random: 122 bits)."""
-    return uuid.uuid4().hex
+    """A fresh key for one logical send: 12 hex digits of milliseconds, then 80 random
+    bits. Time first, so a batch's keys land side by side in the broker's key index
+    (random keys dirtied a page each: batches of 512 were a third slower)."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 def _whole_ms(seconds: float | None) -> int:

@@ -66,6 +66,9 @@ class Dispatcher:
         #: the fast path only when none of the second kind is ahead of it (FIFO)
         self._reserved: dict[str, int] = {}
         self._queueing: dict[str, int] = {}
+        #: commands committed after their sender's deadline, until their abandonment is
+        #: on disk: a retry that finds one (same idempotency key) is refused too
+        self._abandoning: set[str] = set()
 
     @property
     def queues_in_memory(self) -> int:
@@ -156,12 +159,17 @@ class Dispatcher:
         results = write.result()
         committed_s = time.monotonic()
         for index, result in enumerate(results):
-            if isinstance(result, BrokerError) or result.deduplicated:
+            if isinstance(result, BrokerError):
+                continue
+            if result.deduplicated:
+                if result.command.command_id in self._abandoning:
+                    results[index] = NotCommittedInTime(abandoned=True)
                 continue
             commit_by_s = items[index].commit_by_s
             if commit_by_s and committed_s > commit_by_s:
                 abandoned.append(result.command.command_id)
-                results[index] = NotCommittedInTime()  # what the caller (if any) is told
+                self._abandoning.add(result.command.command_id)
+                results[index] = NotCommittedInTime(abandoned=True)  # what its caller hears
                 for older in result.superseded:
                     self._apply(older)
                 continue
@@ -195,7 +203,9 @@ class Dispatcher:
                 "%d commands became durable after their sender's deadline; abandoned unsent",
                 len(abandoned),
             )
-            self._record(self._store.abandon(abandoned, now_ms=now_ms()))
+            write = self._store.abandon(abandoned, now_ms=now_ms())
+            self._record(write)
+            write.add_done_callback(lambda _: self._abandoning.difference_update(abandoned))
 
     async def cancel(self, command_id: str) -> Any:
         write = self._store.cancel(command_id, now_ms=now_ms())

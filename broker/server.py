@@ -123,9 +123,9 @@ class Broker:
             # them 10x less often; gen0/gen1 keep collecting short-lived cycles as before
             # (a larger gen0 threshold, 2000, made each young collection a 5-8 ms stall).
             gc.set_threshold(700, 10, GC_FULL_EVERY)
-        # Broker time goes on from the highest time stored, even if the wall clock was
-        # set back while the broker was down (see broker/clock.py).
-        clock.current().anchor(not_before_ms=self.store.clock_high_water_ms)
+        # Broker time goes on from the store's reference, never behind what it holds,
+        # even if the wall clock was set back while the broker was down (broker/clock.py).
+        clock.current().resume(*self.store.clock_reference)
         self.store.start(asyncio.get_running_loop())
         recovered = await self.dispatcher.recover()
         expired = await self.dispatcher.fire_timers()

@@ -441,6 +441,7 @@ class Servicer:
         # Admitted after the Hello, so a token is never spent on a stream that dies first.
         self._stream_gate.admit()
         session = Session(vehicle_id, now_ms=now_ms())
+        session.task = asyncio.current_task()
         await self._states.attach(vehicle_id)
         try:
             self._states.seen(vehicle_id, session.connected_since_ms)

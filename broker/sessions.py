@@ -59,6 +59,7 @@ class Session:
         "outbox",
         "recorded",
         "session_id",
+        "task",
         "vehicle_id",
     )
 
@@ -75,6 +76,9 @@ class Session:
         #: ids of queued command frames whose delivery is already recorded (created
         #: DELIVERED): the writer sends them without recording them again
         self.recorded: set[str] | None = None
+        #: the stream's handler, cancelled when the link is found dead (its write to the
+        #: car may be stuck in flow control, never to return on its own)
+        self.task: asyncio.Task[Any] | None = None
 
     def send(self, frame: Any) -> None:
         if not self.closed:
@@ -133,9 +137,13 @@ class SessionRegistry:
         died without a FIN (a NAT timeout, a handover), so their cars are gone even if
         the socket still looks open. Returns how many were closed."""
         heard_after = time.monotonic() - timeout_s
-        silent = [s for s in self._by_vehicle.values() if s.last_heard_s < heard_after]
+        silent = [
+            s for s in self._by_vehicle.values() if s.last_heard_s < heard_after and not s.closed
+        ]
         for session in silent:
             session.close(Unavailable(f"nothing heard from this car for {timeout_s:g}s: dead link"))
+            if session.task is not None:
+                session.task.cancel()
         return len(silent)
 
 

@@ -17,7 +17,8 @@ Databases (all keys sort bytewise):
                in dispatch order: what a car gets when it connects)
 - `states`     vehicle_id -> VehicleState (last known fields)
 - `meta`       b"seq" -> last sequence number; b"schema" -> layout version;
-               b"clock" -> the highest broker time written (restarts never go behind it)
+               b"clock" -> the highest broker time written, the boot-time clock then
+               and the boot's id (a restart resumes from it: see broker/clock.py)
 
 Each command has exactly one timer, derived from its record (`_timer_at`): its expiry
 while it waits in the queue (never sent, or sent and then re-queued because its car went
@@ -48,6 +49,8 @@ from typing import IO, Any, NamedTuple
 
 import lmdb
 
+from broker import clock
+from broker.clock import BOOT_ID
 from broker.errors import (
     BrokerError,
     Conflict,
@@ -104,12 +107,21 @@ class Created(NamedTuple):
 
 
 class NotCommittedInTime(StoreUnavailable):
-    """Not written: it could not be made durable before `NewCommand.commit_by_s`."""
+    """Not accepted: it could not be made durable before `NewCommand.commit_by_s`.
 
-    def __init__(self) -> None:
+    Either nothing was written, or (`abandoned`) it became durable too late and is
+    canceled before anything is sent; a retry with the same idempotency key is safe.
+    """
+
+    def __init__(self, *, abandoned: bool = False) -> None:
+        what = (
+            "it became durable only after its deadline and is canceled, never sent"
+            if abandoned
+            else "nothing was written"
+        )
         super().__init__(
             "not accepted: the store could not make it durable in time (the store is "
-            "slow or stalled); nothing was written, a retry is safe",
+            f"slow or stalled); {what}; a retry is safe",
             retry_after_ms=retry_hint_ms(),
         )
 
@@ -185,6 +197,9 @@ class Store:
             self._lock_file.close()
             raise StoreUnavailable(f"cannot open the store in {path}: {exc}") from None
         self._high_water_ms = 0
+        self._high_water_steady_ns = 0
+        self._high_water_boot = ""
+        self._stamp_steady_ns = 0
         self._disk_bound = False
         # Named databases must be opened in a write transaction; this one runs before the
         # writer thread exists, so it grows the map itself (an older folder's first open
@@ -211,6 +226,8 @@ class Store:
         #: set by operations that write timestamps: the group stamps the clock key
         self._stamp_due = False
         self._stamp_ms = 0
+        self._stamp_written = 0
+        self._reclaim_from = b""
         self._space_checked_at = 0.0
         self.room_bytes = map_size_max
         self._measure_space()
@@ -234,9 +251,10 @@ class Store:
         return self._pending_count
 
     @property
-    def clock_high_water_ms(self) -> int:
-        """The highest broker time this store has written (0 for a new store)."""
-        return self._high_water_ms
+    def clock_reference(self) -> tuple[int, int, str]:
+        """`(highest broker time written, boot-time clock ns then, boot id)`, for
+        `Clock.resume` (zeros and "" for a new store)."""
+        return self._high_water_ms, self._high_water_steady_ns, self._high_water_boot
 
     def space_problem(self, *, critical: bool = False) -> str | None:
         """Why new commands must be refused now for lack of space, or None.
@@ -275,13 +293,22 @@ class Store:
     def _stamp_clock(self, txn: Any) -> None:
         # On the writer thread, before each commit: a group that wrote timestamps also
         # records the clock, so a restart's clock never goes behind what is stored.
-        if self._stamp_due:
-            self._stamp_due = False
-            if self._stamp_ms > self._high_water_ms:
-                self._high_water_ms = self._stamp_ms
-                txn.put(_CLOCK_KEY, self._stamp_ms.to_bytes(8, "big"), db=self._meta)
+        self._stamp_written = 0
+        if not self._stamp_due:
+            return
+        self._stamp_due = False
+        now_ms, steady_ns = clock.current().reference()
+        stamp_ms = max(now_ms, self._stamp_ms)
+        if stamp_ms > self._high_water_ms:
+            value = stamp_ms.to_bytes(8, "big") + steady_ns.to_bytes(8, "big") + BOOT_ID.encode()
+            txn.put(_CLOCK_KEY, value, db=self._meta)
+            self._stamp_written, self._stamp_steady_ns = stamp_ms, steady_ns
 
     def _after_commit(self) -> None:
+        if self._stamp_written:  # only now is it on disk
+            self._high_water_ms = self._stamp_written
+            self._high_water_steady_ns = self._stamp_steady_ns
+            self._high_water_boot = BOOT_ID
         # On the writer thread after each commit: O(1), LMDB keeps the count.
         try:
             with self._env.begin(db=self._pending) as txn:
@@ -293,8 +320,9 @@ class Store:
     def _measure_space(self) -> None:
         """Room for more data: in the map (up to map_size_max) and on the disk."""
         now = time.monotonic()
-        if now - self._space_checked_at < SPACE_CHECK_INTERVAL_S:
-            return
+        near_the_reserve = self.room_bytes < 2 * self._reserve_bytes
+        if now - self._space_checked_at < SPACE_CHECK_INTERVAL_S and not near_the_reserve:
+            return  # far from the reserve: a burst within the interval cannot reach it
         self._space_checked_at = now
         try:
             with self._env.begin() as txn:
@@ -340,8 +368,10 @@ class Store:
                 self._coalesce, self._states, self._meta, self._pending, self._payloads,
             )  # fmt: skip
             raw_seq: bytes | None = txn.get(_SEQ_KEY, db=self._meta)
-            raw_clock = txn.get(_CLOCK_KEY, db=self._meta)
-            self._high_water_ms = int.from_bytes(raw_clock, "big") if raw_clock else 0
+            raw_clock = bytes(txn.get(_CLOCK_KEY, db=self._meta) or b"")
+            self._high_water_ms = int.from_bytes(raw_clock[:8], "big")
+            self._high_water_steady_ns = int.from_bytes(raw_clock[8:16], "big")
+            self._high_water_boot = raw_clock[16:].decode()
             if txn.get(_SCHEMA_KEY, db=self._meta) is None:
                 self._build_pending_index(txn)
                 txn.put(_SCHEMA_KEY, _SCHEMA.to_bytes(2, "big"), db=self._meta)
@@ -523,7 +553,11 @@ class Store:
                 return None
             if command.attempt == 0:
                 return None  # an ack for something we never sent: ignore
-            deadline = command.result_deadline_ms or now_ms + result_timeout_ms
+            deadline = (
+                now_ms + result_timeout_ms
+                if command.status == t.QUEUED  # re-queued: on the wire again only now
+                else command.result_deadline_ms
+            )
             self._update(txn, command, t.ACKED, now_ms, result_deadline_ms=deadline)
             return command
 
@@ -629,35 +663,30 @@ class Store:
         """Expire, time out and purge what is due: `(changed commands, timers due)`;
         fewer than `limit` due means nothing due is left.
 
-        While the store is short of room, terminal commands are also purged ahead of
-        their retention (oldest purge time first; `RECLAIM_BATCH` timers looked at a call).
+        A due key that no longer matches its command's record (an orphan, or one an older
+        version computed differently) is dropped, and the record's own timer kept. While
+        the store is short of room, terminal commands are also purged ahead of their
+        retention (`_reclaim`).
         """
 
         def op(txn: Any) -> tuple[list[Any], int]:
             changed = []
-            due: list[str] = []
-            due_now = 0
-            reclaim = RECLAIM_BATCH if self.room_bytes < self._reserve_bytes else 0
+            due: list[tuple[bytes, int, str]] = []
             with txn.cursor(db=self._timers) as cursor:
                 for key in cursor.iternext(keys=True, values=False):
                     at_ms, command_id = codec.split_timer_key(key)
-                    if at_ms <= now_ms:
-                        if due_now >= limit:
-                            break
-                        due_now += 1
-                    elif reclaim > 0:
-                        reclaim -= 1  # looked at for reclaiming: only a terminal one goes
-                    else:
+                    if at_ms > now_ms or len(due) >= limit:
                         break
-                    due.append(command_id)
-            for command_id in due:
+                    due.append((key, at_ms, command_id))
+            for key, at_ms, command_id in due:
                 command = self._load(txn, command_id)
-                if command is None:
-                    continue
-                if command.status in TERMINAL:
+                if command is None or self._timer_at(command) != at_ms:
+                    txn.delete(key, db=self._timers)
+                    if command is not None:
+                        timer = codec.timer_key(self._timer_at(command), command_id)
+                        txn.put(timer, b"", db=self._timers)
+                elif command.status in TERMINAL:
                     self._purge(txn, command)
-                elif self._timer_at(command) > now_ms:
-                    continue  # looked at for reclaiming only
                 elif command.status in ON_THE_WIRE:
                     self._update(
                         txn,
@@ -684,9 +713,42 @@ class Store:
                         "it may have been executed",
                     )
                     changed.append(command)
-            return changed, due_now
+            if self.room_bytes < self._reserve_bytes:
+                self._reclaim(txn, now_ms)
+            return changed, len(due)
 
         return self._writer.submit(op)
+
+    def _reclaim(self, txn: Any, now_ms: int) -> int:
+        """Short of room: purge terminal commands ahead of their retention.
+
+        Looks at `RECLAIM_BATCH` timers a call, going on from where the last call
+        stopped (wrapping around), so over successive sweeps it reaches every terminal
+        command however many are pending. A command whose idempotency key is still in
+        its window is kept: a retry with that key must find it, not create a second one.
+        """
+        keys: list[bytes] = []
+        with txn.cursor(db=self._timers) as cursor:
+            positioned = cursor.set_range(self._reclaim_from) or cursor.first()
+            while positioned and len(keys) < RECLAIM_BATCH:
+                keys.append(bytes(cursor.key()))
+                positioned = cursor.next()
+            self._reclaim_from = bytes(cursor.key()) if positioned else b""
+        purged = 0
+        for key in keys:
+            at_ms, command_id = codec.split_timer_key(key)
+            command = self._load(txn, command_id)
+            if command is None or command.status not in TERMINAL:
+                continue
+            if self._timer_at(command) != at_ms:
+                continue
+            if command.idempotency_key and (
+                command.created_at_ms + self._idempotency_window_ms > now_ms
+            ):
+                continue
+            self._purge(txn, command)
+            purged += 1
+        return purged
 
     def recover(self, *, now_ms: int) -> asyncio.Future[int]:
         """After a start: anything that was on the wire is QUEUED again (sessions did not

@@ -563,6 +563,11 @@ async def link_loss(
             await car.stop()
             await client.close()
             await broker.astop()
+    # The heartbeat check logs what it closes; otherwise the transport found it first
+    # (grpc's keepalive or TCP_USER_TIMEOUT, when the broker had unacknowledged data).
+    verdict.figures["stream ended by"] = (
+        "heartbeat check" if "vehicle streams silent" in broker.logs(10**7) else "transport"
+    )
     verdict.figures["settings"] = (
         f"down {down_s:g} s, car keepalive {keepalive_s:g} s, heartbeat "
         f"{heartbeat_interval_s:g} s, liveness timeout {liveness_timeout_s:g} s"

@@ -119,13 +119,13 @@ async def test_a_requeued_command_is_resent_when_its_car_returns_not_timed_out(
 async def test_a_car_that_goes_silent_is_seen_gone_and_one_that_heartbeats_is_not(
     start_broker: Callable[..., Any], cars: Any
 ) -> None:
-    running = await start_broker(heartbeat_interval_s=0.2, liveness_timeout_s=1.0)
+    running = await start_broker(heartbeat_interval_s=0.25, liveness_timeout_s=2.0)
     client = running.client()
     # The raw car's connection stays up and answers HTTP/2 PINGs (as a proxy in front of
     # a dead car would), but it sends no frame: only the heartbeat check can tell.
     raw = RawCar(running.target, "car-silent")
     welcome = await raw.hello()
-    assert (welcome.heartbeat_interval_ms, welcome.liveness_timeout_ms) == (200, 1000)
+    assert (welcome.heartbeat_interval_ms, welcome.liveness_timeout_ms) == (250, 2000)
     agent = await cars(running, "car-alive")
     assert (await client.get_vehicle_state("car-silent")).connected
     await eventually(
@@ -137,7 +137,7 @@ async def test_a_car_that_goes_silent_is_seen_gone_and_one_that_heartbeats_is_no
     assert running.broker.dead_links >= 1
     reply = await client.send_command("car-silent", "unlock")
     assert reply.command.status == t.QUEUED  # waits for the car, not for a dead stream
-    await asyncio.sleep(1.5)  # several liveness timeouts of an idle, heartbeating car
+    await asyncio.sleep(4.5)  # two liveness timeouts of an idle, heartbeating car
     assert (await client.get_vehicle_state("car-alive")).connected
     assert agent.connects == 1
     await raw.close()
@@ -202,21 +202,39 @@ async def test_after_a_restart_broker_time_never_goes_behind_what_is_stored(
     reply = await running.client().send_command("car-1", "climate", ttl_s=60)
     await running.close()
     await running.broker.stop(0.1)
+    stopped_at = clock.now_ms()
     wall.step(-3600)  # set back an hour while the broker was down
-    clock.current().anchor()  # as a new process would start
+    await asyncio.sleep(0.5)
+    clock.install(clock.Clock(wall_ns=wall))  # as a new process would start
     restarted = await start_broker(data_dir=tmp_path / "clock")
-    assert clock.now_ms() >= reply.command.created_at_ms
+    # Same boot: it goes on from the stored reference, the half second down counted.
+    assert clock.now_ms() >= stopped_at + 500
     command = await restarted.client().get_command(reply.command.command_id)
     assert command.status == t.QUEUED  # 60 s of TTL did not become 61 minutes
+    assert command.expires_at_ms - clock.now_ms() < 60_000
 
 
 # -- a stalled store: nothing runs after its caller was told it failed ------------------------
 
 
-def _stall(running: Running) -> tuple[threading.Event, Any]:
-    """Block the LMDB thread until the event is set (as fsfreeze or a dying disk would)."""
-    gate = threading.Event()
-    blocked = running.broker.store.writer.submit(lambda txn: gate.wait(10))
+def _queued(writer: Any) -> Callable[[], Any]:
+    async def probe() -> bool:
+        return bool(writer.queued >= 1)
+
+    return probe
+
+
+async def _stall(running: Running) -> tuple[threading.Event, Any]:
+    """Block the LMDB thread until the event is set (as fsfreeze or a dying disk would);
+    returns once it is blocked."""
+    gate, started = threading.Event(), threading.Event()
+
+    def block(txn: Any) -> None:
+        started.set()
+        gate.wait(10)
+
+    blocked = running.broker.store.writer.submit(block)
+    await asyncio.to_thread(started.wait, 5)
     return gate, blocked
 
 
@@ -225,7 +243,7 @@ async def test_a_command_whose_caller_gave_up_during_a_stall_is_never_written(
 ) -> None:
     agent = await cars(running, "car-1")
     impatient = BrokerClient(running.target, token=running.service_token(), timeout_s=0.5)
-    gate, blocked = _stall(running)
+    gate, blocked = await _stall(running)
     with pytest.raises(BrokerRpcError) as refused:
         await impatient.send_command("car-1", "unlock")
     assert refused.value.code == "DEADLINE_EXCEEDED"
@@ -242,9 +260,10 @@ async def test_a_command_committed_after_its_callers_deadline_is_abandoned_unsen
 ) -> None:
     agent = await cars(running, "car-1")
     impatient = BrokerClient(running.target, token=running.service_token(), timeout_s=0.6)
-    gate, blocked = _stall(running)
+    gate, blocked = await _stall(running)
     sending = asyncio.create_task(impatient.send_command("car-1", "unlock"))
-    await asyncio.sleep(0.15)  # the create is queued behind the stall
+    writer = running.broker.store.writer
+    await eventually(_queued(writer), what="the create queued behind the stall")
     # Committed in one group with a slow operation queued after it: its commit lands
     # after the caller's deadline although its write ran before it.
     slow = running.broker.store.writer.submit(lambda txn: time.sleep(1.0))
@@ -271,7 +290,7 @@ async def test_a_critical_command_stuck_behind_a_stall_is_refused_and_retried_on
 ) -> None:
     running = await start_broker(critical_commit_wait_s=0.3)
     client = running.client()
-    gate, blocked = _stall(running)
+    gate, blocked = await _stall(running)
     threading.Timer(1.0, gate.set).start()
     reply = await client.send_command("car-1", "unlock")  # the SDK retries the refusal
     await blocked
@@ -287,7 +306,11 @@ async def test_a_full_map_refuses_new_work_drains_what_it_has_and_recovers_witho
     start_broker: Callable[..., Any], cars: Any
 ) -> None:
     running = await start_broker(
-        map_size_mb=1, map_size_max_mb=2, store_reserve_mb=1, sweep_interval_s=0.05
+        map_size_mb=1,
+        map_size_max_mb=2,
+        store_reserve_mb=1,
+        sweep_interval_s=0.05,
+        idempotency_window_s=2,  # the SDK's keys: past their window a command may go
     )
     # Finished commands are purged ahead of their retention until there is room again.
     await _fill_drain_recover(running, cars, cause="map", make_room=None)
