@@ -81,9 +81,12 @@ class Config:
     max_wait_timeout_s: float = 300
     hello_timeout_s: float = 10
     #: a car sends a frame at least this often (Welcome tells it); a stream silent for
-    #: liveness_timeout_s is closed as a dead link (checked every liveness_timeout_s / 8)
-    heartbeat_interval_s: float = 10
-    liveness_timeout_s: float = 25
+    #: liveness_timeout_s is closed as a dead link (checked every liveness_timeout_s / 8).
+    #: A direct link that dies is found sooner by the server's HTTP/2 keepalive (20 s +
+    #: 10 s); this check is for what keepalive cannot see (a proxy answers its pings).
+    #: Each heartbeat costs ~60 us of broker CPU (docs/operations.md)
+    heartbeat_interval_s: float = 30
+    liveness_timeout_s: float = 75
     #: new vehicle streams admitted per second (reconnect-storm control), and the burst
     new_streams_per_s: float = 2000
     new_streams_burst: float = 2000

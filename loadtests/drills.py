@@ -515,19 +515,26 @@ async def stale_position(workdir: Path) -> Verdict:
 
 # -- link loss ----------------------------------------------------------------------------------
 
+#: the broker's HTTP/2 keepalive (broker.server.server_options): a ping every 20 s, the
+#: connection dropped 10 s after one goes unanswered
+KEEPALIVE_BOUND_S = 30.0
+
 
 async def link_loss(
     workdir: Path,
     *,
     down_s: float = 120.0,
     keepalive_s: float = 10.0,
-    heartbeat_interval_s: float = 10.0,
-    liveness_timeout_s: float = 25.0,
+    heartbeat_interval_s: float = 30.0,
+    liveness_timeout_s: float = 75.0,
+    idle_s: float = 35.0,
 ) -> Verdict:
     """A car's link dies without FIN or RST for `down_s`, then comes back (defaults: the
-    SDK's and the broker's own settings). The broker must see the car gone within its
-    liveness timeout (plus one check interval), queue an unlock sent meanwhile, and the
-    car must reconnect by itself and run that unlock exactly once.
+    SDK's and the broker's own settings). The broker must see the car gone within 30 s
+    (its HTTP/2 keepalive, 20 s + 10 s) or its liveness timeout plus one check interval,
+    whichever is sooner, queue an unlock sent meanwhile, and the car must reconnect by
+    itself and run that unlock exactly once. The car is idle for `idle_s` before the cut
+    (as a parked car is: nothing of its own in flight for TCP to time out).
     """
     verdict = Verdict("link-loss")
     reason = netns.unavailable()
@@ -556,7 +563,7 @@ async def link_loss(
             hosts, f"{netns.BROKER_ADDRESS}:{broker.port}", "cell-car", secret, keepalive_s
         )
         try:
-            await _link_loss_phases(verdict, client, car, hosts, down_s, liveness_timeout_s)
+            await _link_loss_phases(verdict, client, car, hosts, down_s, liveness_timeout_s, idle_s)
         finally:
             if hosts.cut_now:
                 hosts.restore()
@@ -569,8 +576,8 @@ async def link_loss(
         "heartbeat check" if "vehicle streams silent" in broker.logs(10**7) else "transport"
     )
     verdict.figures["settings"] = (
-        f"down {down_s:g} s, car keepalive {keepalive_s:g} s, heartbeat "
-        f"{heartbeat_interval_s:g} s, liveness timeout {liveness_timeout_s:g} s"
+        f"idle {idle_s:g} s, then down {down_s:g} s; car keepalive {keepalive_s:g} s, "
+        f"heartbeat {heartbeat_interval_s:g} s, liveness timeout {liveness_timeout_s:g} s"
     )
     return verdict
 
@@ -582,6 +589,7 @@ async def _link_loss_phases(
     hosts: netns.Hosts,
     down_s: float,
     liveness_timeout_s: float,
+    idle_s: float,
 ) -> None:
     first = await car.wait("connected", 1, 30)
     verdict.check("the car connects through its namespace", first is not None)
@@ -592,6 +600,7 @@ async def _link_loss_phases(
         "an unlock before the cut succeeds", before.command.status == t.SUCCEEDED,
         t.CommandStatus.Name(before.command.status),
     )  # fmt: skip
+    await asyncio.sleep(idle_s)
     hosts.cut()
     cut_at = time.monotonic()
     gone_after_s = None
@@ -601,7 +610,7 @@ async def _link_loss_phases(
             if not state.connected:
                 gone_after_s = time.monotonic() - cut_at
         await asyncio.sleep(0.25)
-    bound_s = liveness_timeout_s * 1.125 + 1
+    bound_s = min(KEEPALIVE_BOUND_S, liveness_timeout_s * 1.125) + 1
     verdict.check(
         f"the broker sees the car gone within {bound_s:g} s",
         gone_after_s is not None and gone_after_s <= bound_s,

@@ -373,6 +373,8 @@ class Fleet:
             "BROKER_TELEMETRY_FLEET_MSGS_PER_S": f"{fleet_msgs:g}",
             "BROKER_TELEMETRY_FLEET_BYTES_PER_S": f"{max(4e6, fleet_msgs * BATCH_BYTES):g}",
             "BROKER_DURABILITY": args.durability,
+            "BROKER_HEARTBEAT_INTERVAL_S": f"{args.heartbeat_s:g}",
+            "BROKER_LIVENESS_TIMEOUT_S": f"{2.5 * args.heartbeat_s:g}",
         }
         probe = workdir / "gcprobe"
         probe.mkdir(exist_ok=True)
@@ -491,7 +493,7 @@ class Fleet:
             self.result["broker_kb_per_car"] = round(
                 1024 * (rss_after - before) / self.args.cars, 1
             )
-        self.client = BrokerClient(self.broker.target, max_pushback_retries=0, timeout_s=15)
+        self.client = BrokerClient(self.broker.target, max_retries=0, timeout_s=15)
 
     def random_car(self, rng: random.Random) -> str:
         car = rng.choices(self.cars, weights=[c.count for c in self.cars])[0]
@@ -790,6 +792,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per main phase")
     parser.add_argument("--cars-per-channel", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=1.0, help="telemetry batches/min per car")
+    parser.add_argument(
+        "--heartbeat-s", type=float, default=10.0,
+        help="cars' heartbeat interval (the broker's liveness timeout is 2.5x it)",
+    )  # fmt: skip
     parser.add_argument("--storm-factor", type=float, default=10.0)
     parser.add_argument(
         "--ramp", type=float, default=2500.0, help="new streams/s the cars open (0: all at once)"

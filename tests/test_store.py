@@ -1296,3 +1296,44 @@ async def test_a_large_payload_stored_inline_by_an_older_version_survives_a_stat
     await store.writer.submit(as_before)
     await store.cancel(cid, now_ms=T0 + 1)
     assert (await store.get(cid)).payload == payload
+
+
+async def test_timer_keys_that_match_no_record_are_dropped_not_swept_forever(
+    store: Store,
+) -> None:
+    # Orphans (a record gone) and stale keys (an older version's timer rule) ahead of
+    # a real expiry, more of them than one sweep takes.
+    real = await create_id(store, new(ttl_ms=1_000), now_ms=T0)
+
+    def litter(txn: Any) -> None:
+        for n in range(1_500):
+            orphan = codec.timer_key(T0 + 500, f"{n:024x}")
+            txn.put(orphan, b"", db=store._timers)
+        txn.put(codec.timer_key(T0 + 600, real), b"", db=store._timers)  # stale
+
+    await store.writer.submit(litter)
+    changed, due = await store.fire_timers(now_ms=T0 + 2_000, limit=1_000)
+    assert due == 1_000 and changed == []
+    changed, due = await store.fire_timers(now_ms=T0 + 2_000, limit=1_000)
+    assert [c.command_id for c in changed] == [real] and due < 1_000
+    state = await dump(store)
+    assert state.timers == [(T0 + 2_000 + RETENTION_MS, real)]  # its own timer only
+
+
+async def test_reclaim_reaches_terminal_commands_behind_many_pending_ones(
+    open_store: OpenStore,
+) -> None:
+    # A reserve larger than any map: the store is always "short of room".
+    store = await open_store(retention_ms=86_400_000, reserve_bytes=1 << 50, fsync=False)
+    pending = [new(f"car-{n % 50}", ttl_ms=600_000) for n in range(1_500)]
+    await store.create(pending, online=(), now_ms=T0)
+    done = [await create_id(store, new(ttl_ms=600_000), now_ms=T0) for _ in range(5)]
+    keyed = await create_id(store, new(idempotency_key="k"), now_ms=T0)
+    for command_id in [*done, keyed]:
+        await store.cancel(command_id, now_ms=T0 + 1)
+    for _ in range(5):  # a few sweeps walk every timer
+        await store.fire_timers(now_ms=T0 + 2)
+    state = await dump(store)
+    assert not set(done) & set(state.commands)  # purged ahead of the day's retention
+    assert keyed in state.commands  # its idempotency key is still in its window
+    assert len(state.commands) == 1_501

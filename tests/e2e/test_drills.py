@@ -46,7 +46,7 @@ async def test_link_loss(tmp_path: Path) -> None:
     if reason is not None:
         pytest.skip(f"link-loss drill: {reason}")
     verdict = await drills.link_loss(
-        tmp_path, down_s=12, keepalive_s=5, heartbeat_interval_s=1, liveness_timeout_s=3
+        tmp_path, down_s=12, keepalive_s=5, heartbeat_interval_s=1, liveness_timeout_s=3, idle_s=2
     )
     _passed(verdict)
     # 3 s is shorter than anything the transport has (keepalive 30 s + 10 s): only the

@@ -285,6 +285,38 @@ async def test_a_command_committed_after_its_callers_deadline_is_abandoned_unsen
     await impatient.close()
 
 
+async def test_a_retry_that_finds_an_abandoned_command_is_refused_then_sent_afresh(
+    running: Running, cars: Any
+) -> None:
+    agent = await cars(running, "car-1")
+    impatient = BrokerClient(running.target, token=running.service_token(), timeout_s=0.6)
+    patient = running.client()
+    writer = running.broker.store.writer
+    gate, blocked = await _stall(running)
+    first = asyncio.create_task(impatient.send_command("car-1", "unlock", idempotency_key="k"))
+    await eventually(_queued(writer), what="the first try queued")
+    retry = asyncio.create_task(patient.send_command("car-1", "unlock", idempotency_key="k"))
+    await eventually(lambda: _count_queued(writer), lambda n: n >= 2, what="the retry queued")
+    slow = writer.submit(lambda txn: time.sleep(1.0))  # the group commits past 0.6 s
+    gate.set()
+    with pytest.raises(BrokerRpcError):
+        await first
+    reply = await retry  # refused while the first is abandoned, then sent afresh
+    await asyncio.gather(blocked, slow)
+    assert patient.retries >= 1
+    listed = await patient.list_commands("car-1")
+    statuses = {c.command_id: c.status for c in listed}
+    [abandoned] = [cid for cid, status in statuses.items() if status == t.CANCELED]
+    assert reply.command.command_id != abandoned and len(statuses) == 2
+    await _status(patient, reply.command.command_id, t.SUCCEEDED)
+    assert agent.executed == [reply.command.command_id]
+    await impatient.close()
+
+
+async def _count_queued(writer: Any) -> int:
+    return int(writer.queued)
+
+
 async def test_a_critical_command_stuck_behind_a_stall_is_refused_and_retried_once(
     start_broker: Callable[..., Any],
 ) -> None:
