@@ -91,6 +91,29 @@ async def start_broker(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         await running.broker.stop(0.2)
 
 
+async def _succeed(payload: bytes) -> bool:
+    return True
+
+
+@pytest.fixture
+async def cars() -> AsyncIterator[Callable[..., Any]]:
+    """`await cars(running, "car-1", **agent kwargs)`: a connected VehicleAgent (it
+    succeeds at unlock, lock and climate unless given `handlers`), stopped at teardown."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def connect(on: Running, vehicle_id: str, **kwargs: Any) -> VehicleAgent:
+        kwargs.setdefault("handlers", dict.fromkeys(("unlock", "lock", "climate"), _succeed))
+        agent = on.agent(vehicle_id, **kwargs)
+        tasks.append(asyncio.create_task(agent.run()))
+        await asyncio.wait_for(agent.connected.wait(), 5)
+        return agent
+
+    yield connect
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 @pytest.fixture
 async def running(start_broker: Callable[..., Any]) -> Running:
     """A broker with token auth on a loopback port."""

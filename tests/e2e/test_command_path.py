@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -26,21 +26,14 @@ async def _ok(payload: bytes) -> bool:
 
 
 @pytest.fixture
-async def online(running: Running) -> AsyncIterator[Callable[..., Any]]:
-    """`await online("car-1", handlers=...)`: a connected VehicleAgent."""
-    tasks: list[asyncio.Task[None]] = []
+def online(running: Running, cars: Callable[..., Any]) -> Callable[..., Any]:
+    """`await online("car-1", handlers=...)`: a VehicleAgent connected to `running`."""
 
     async def connect(vehicle_id: str, **kwargs: Any) -> VehicleAgent:
-        kwargs.setdefault("handlers", {"unlock": _ok, "lock": _ok, "climate": _ok})
-        agent = running.agent(vehicle_id, **kwargs)
-        tasks.append(asyncio.create_task(agent.run()))
-        await asyncio.wait_for(agent.connected.wait(), 5)
+        agent: VehicleAgent = await cars(running, vehicle_id, **kwargs)
         return agent
 
-    yield connect
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    return connect
 
 
 async def _status_of(running: Running, command_id: str, wanted: int, timeout_s: float = 5) -> Any:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -59,24 +59,6 @@ class RawCar:
     async def close(self) -> None:
         self.call.cancel()
         await self.channel.close()
-
-
-@pytest.fixture
-async def cars() -> AsyncIterator[Callable[..., Any]]:
-    """`await cars(running, "car-1", **agent kwargs)`: a connected VehicleAgent."""
-    tasks: list[asyncio.Task[None]] = []
-
-    async def connect(on: Running, vehicle_id: str, **kwargs: Any) -> Any:
-        kwargs.setdefault("handlers", {"unlock": _ok, "lock": _ok, "climate": _ok})
-        agent = on.agent(vehicle_id, **kwargs)
-        tasks.append(asyncio.create_task(agent.run()))
-        await asyncio.wait_for(agent.connected.wait(), 5)
-        return agent
-
-    yield connect
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _status(client: BrokerClient, command_id: str, wanted: int, **kw: Any) -> Any:
