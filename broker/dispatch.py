@@ -69,6 +69,8 @@ class Dispatcher:
         #: commands committed after their sender's deadline, until their abandonment is
         #: on disk: a retry that finds one (same idempotency key) is refused too
         self._abandoning: set[str] = set()
+        #: commands abandoned so (metrics)
+        self.abandoned = 0
 
     @property
     def queues_in_memory(self) -> int:
@@ -169,6 +171,7 @@ class Dispatcher:
             if commit_by_s and committed_s > commit_by_s:
                 abandoned.append(result.command.command_id)
                 self._abandoning.add(result.command.command_id)
+                self.abandoned += 1
                 results[index] = NotCommittedInTime(abandoned=True)  # what its caller hears
                 for older in result.superseded:
                     self._apply(older)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from broker import clock
 from broker.v1 import types_pb2 as t
 
 if TYPE_CHECKING:
@@ -124,7 +125,38 @@ class BrokerCollector(Collector):
             "Control frames sent to change a car's telemetry policy",
             value=counters.policy_updates,
         )
-        writer = broker.store.writer
+        store = broker.store
+        yield GaugeMetricFamily(
+            "broker_store_room_bytes",
+            "Room left for more data, in the LMDB map and on its disk (the lesser)",
+            value=store.room_bytes,
+        )
+        yield GaugeMetricFamily(
+            "broker_store_reserve_bytes",
+            "Below this much room new commands are refused (store_reserve_mb)",
+            value=store.reserve_bytes,
+        )
+        yield CounterMetricFamily(
+            "broker_store_space_refusals",
+            "New commands refused because the store was short of room",
+            value=store.space_refusals,
+        )
+        yield CounterMetricFamily(
+            "broker_commands_abandoned",
+            "Commands that became durable only after their sender's deadline: canceled, never sent",
+            value=broker.dispatcher.abandoned,
+        )
+        yield CounterMetricFamily(
+            "broker_vehicle_streams_dead",
+            "Vehicle streams closed because nothing was heard on them (dead links)",
+            value=broker.dead_links,
+        )
+        yield GaugeMetricFamily(
+            "broker_clock_wall_offset_ms",
+            "The wall clock minus broker time: how far the wall clock has been stepped",
+            value=clock.current().wall_offset_ms(),
+        )
+        writer = store.writer
         yield CounterMetricFamily(
             "broker_store_commits", "LMDB group commits", value=writer.groups_committed
         )

@@ -230,6 +230,8 @@ class Store:
         self._reclaim_from = b""
         self._space_checked_at = 0.0
         self.room_bytes = map_size_max
+        #: new commands refused for lack of room (metrics)
+        self.space_refusals = 0
         self._measure_space()
         self._writer = Writer(
             self._env,
@@ -265,7 +267,12 @@ class Store:
         reserve = self._reserve_bytes // 2 if critical else self._reserve_bytes
         if self.room_bytes >= reserve:
             return None
+        self.space_refusals += 1
         return self._space_text()
+
+    @property
+    def reserve_bytes(self) -> int:
+        return self._reserve_bytes
 
     def _space_text(self) -> str:
         if self._disk_bound:

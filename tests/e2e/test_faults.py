@@ -262,6 +262,7 @@ async def test_a_command_committed_after_its_callers_deadline_is_abandoned_unsen
         what="the late command abandoned",
     )
     assert "never sent" in command.status_reason
+    assert running.broker.dispatcher.abandoned == 1  # counted for metrics
     await asyncio.sleep(0.3)
     assert agent.executed == []
     await impatient.close()
@@ -380,6 +381,7 @@ async def _fill_drain_recover(
     assert refusal is not None, "the store never filled"
     assert refusal.code == "UNAVAILABLE" and refusal.retry_after_ms is not None
     assert cause in refusal.message and "nothing accepted is lost" in refusal.message
+    assert running.broker.store.space_refusals >= 1  # counted for metrics
     assert len(accepted) > 20
     # Parked cars connect to the full store: their queues load and drain completely.
     agents = [await cars(running, f"car-{i}", handlers={"config": _ok}) for i in range(10)]

@@ -47,6 +47,14 @@ async def test_metrics_count_outcomes_queue_depth_and_streams(
     assert samples[("broker_durable_queue_in_memory_vehicles", ())] == 0
     assert samples[("broker_command_status_changes_total", (("status", "QUEUED"),))] == 3
     assert samples[("broker_store_operations_total", ())] >= 3
+    assert samples[("broker_store_room_bytes", ())] > samples[("broker_store_reserve_bytes", ())]
+    for counter in (
+        "broker_store_space_refusals_total",
+        "broker_commands_abandoned_total",
+        "broker_vehicle_streams_dead_total",
+    ):
+        assert samples[(counter, ())] == 0
+    assert abs(samples[("broker_clock_wall_offset_ms", ())]) < 60_000
     await client.cancel_command((await client.list_commands("m-1"))[0].command_id)
     samples = await _scrape(port)
     assert samples[("broker_durable_queue_depth", ())] == 2
