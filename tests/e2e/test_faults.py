@@ -454,3 +454,70 @@ async def test_a_car_whose_queue_cannot_be_loaded_is_told_when_to_come_back(
     hint = pushback_ms(ended.value.trailing_metadata())
     assert hint is not None and hint >= 2000  # not a tight reconnect loop
     await raw.close()
+
+
+class LoopDisk:
+    """A small ext4 filesystem on a loop device, mounted for one test (root only), that
+    the test can freeze as `fsfreeze` does: every write and fsync on it blocks."""
+
+    def __init__(self, folder: Path) -> None:
+        self.image = folder / "disk.img"
+        self.mount = folder / "disk"
+        self.frozen = False
+
+    def __enter__(self) -> LoopDisk:
+        self.mount.mkdir()
+        subprocess.run(["truncate", "-s", "64M", str(self.image)], check=True)
+        for argv in (
+            ["mkfs.ext4", "-q", "-F", str(self.image)],
+            ["mount", "-o", "loop", str(self.image), str(self.mount)],
+        ):
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"{argv[0]}: {done.stderr.strip()}")
+        return self
+
+    def freeze(self) -> None:
+        subprocess.run(["fsfreeze", "-f", str(self.mount)], check=True)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self.frozen:
+            subprocess.run(["fsfreeze", "-u", str(self.mount)], check=True)
+            self.frozen = False
+
+    def __exit__(self, *exc: object) -> None:
+        self.thaw()
+        subprocess.run(["umount", "-l", str(self.mount)], capture_output=True)
+
+
+@pytest.fixture
+def loop_disk(tmp_path: Path) -> Iterator[LoopDisk]:
+    if os.geteuid() != 0:
+        pytest.skip("a loop-mounted filesystem needs root")
+    with LoopDisk(tmp_path) as disk:
+        yield disk
+
+
+async def test_unlocks_answered_deadline_exceeded_during_an_fsfreeze_never_run(
+    start_broker: Callable[..., Any], cars: Any, loop_disk: LoopDisk
+) -> None:
+    running = await start_broker(data_dir=loop_disk.mount / "data")
+    agent = await cars(running, "car-1")
+    impatient = BrokerClient(running.target, token=running.service_token(), timeout_s=0.5)
+    loop_disk.freeze()
+    try:
+        sends = [impatient.send_command("car-1", "unlock") for _ in range(5)]
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        await asyncio.sleep(1.5)  # frozen well past every caller's deadline
+    finally:
+        loop_disk.thaw()
+    assert all(isinstance(o, BrokerRpcError) and o.code == "DEADLINE_EXCEEDED" for o in outcomes), (
+        outcomes
+    )
+    client = running.client()
+    await asyncio.sleep(1.0)  # the store catches up after the thaw
+    listed = await client.list_commands("car-1")
+    assert all(c.status == t.CANCELED for c in listed), [c.status for c in listed]
+    assert agent.executed == []  # nothing ran after its caller was told it failed
+    await impatient.close()
