@@ -126,8 +126,15 @@ class BrokerClient:
             await self._channel.close()
 
     async def _unary(
-        self, method: str, request: Any, response_type: Any, timeout_s: float | None = None
+        self,
+        method: str,
+        request: Any,
+        response_type: Any,
+        timeout_s: float | None = None,
+        retried: list[BrokerRpcError] | None = None,
     ) -> Any:
+        """One call with the retries the module docstring describes; the refusals that
+        were retried are appended to `retried` when given."""
         call = self._channel.unary_unary(
             f"/broker.v1.CommandService/{method}",
             request_serializer=type(request).SerializeToString,
@@ -135,39 +142,39 @@ class BrokerClient:
         )
         deadline = time.monotonic() + (timeout_s or self._timeout_s)
         retries = 0
-        reconnect_by: float | None = None  # set once a try is lost in transit
         while True:
             try:
                 return await call(
-                    request,
-                    metadata=self._metadata,
-                    timeout=min(deadline, reconnect_by or deadline) - time.monotonic(),
-                    wait_for_ready=reconnect_by is not None,
+                    request, metadata=self._metadata, timeout=deadline - time.monotonic()
                 )
             except grpc.aio.AioRpcError as error:
                 refusal = _rpc_error(error)
-                waited_in_vain = reconnect_by is not None and refusal.code == "DEADLINE_EXCEEDED"
-                if waited_in_vain and time.monotonic() < deadline:  # the call had time left
-                    refusal = BrokerRpcError("UNAVAILABLE", "the broker is unreachable")
-            if refusal.code != "UNAVAILABLE":
+            if refusal.code != "UNAVAILABLE" or retries >= self._max_retries:
                 raise refusal
             if refusal.retry_after_ms is not None:
                 self.pushbacks += 1
                 delay_s = refusal.retry_after_ms / 1000
-            else:
-                # Lost in transit (the broker restarting, a connection gone): the retry
-                # waits for the channel to be ready again, up to `reconnect_wait_s`.
-                if reconnect_by is None:
-                    reconnect_by = time.monotonic() + self._reconnect_wait_s
-                elif time.monotonic() >= reconnect_by:
+                if time.monotonic() + delay_s >= deadline:
                     raise refusal
-                delay_s = random.uniform(0, min(1.0, 0.05 * 2**retries))
-            give_up_at = min(deadline, reconnect_by or deadline)
-            if retries >= self._max_retries or time.monotonic() + delay_s >= give_up_at:
-                raise refusal
+                await asyncio.sleep(delay_s)
+            else:
+                # Lost in transit (the broker restarting, a connection gone): wait for
+                # the channel to be ready again, up to `reconnect_wait_s`; the retry
+                # then has the rest of the call's time.
+                await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2**retries)))
+                wait_s = min(self._reconnect_wait_s, deadline - time.monotonic())
+                if wait_s <= 0:
+                    raise refusal
+                try:
+                    await asyncio.wait_for(self._channel.channel_ready(), wait_s)
+                except TimeoutError:
+                    raise BrokerRpcError(
+                        "UNAVAILABLE", f"the broker is unreachable ({refusal.message})"
+                    ) from None
             retries += 1
             self.retries += 1
-            await asyncio.sleep(delay_s)
+            if retried is not None:
+                retried.append(refusal)
 
     async def send_command(
         self,
@@ -210,13 +217,16 @@ class BrokerClient:
     async def cancel_command(self, command_id: str) -> Any:
         """Cancel a command not yet delivered. A retry that finds it CANCELED already
         (the first attempt's reply was lost) returns it rather than failing."""
-        retries_before = self.retries
+        retried: list[BrokerRpcError] = []
         try:
             return await self._unary(
-                "CancelCommand", svc.CancelCommandRequest(command_id=command_id), t.Command
+                "CancelCommand",
+                svc.CancelCommandRequest(command_id=command_id),
+                t.Command,
+                retried=retried,
             )
         except BrokerRpcError as error:
-            if error.code != "FAILED_PRECONDITION" or self.retries == retries_before:
+            if error.code != "FAILED_PRECONDITION" or not retried:
                 raise
             command = await self.get_command(command_id)
             if command.status != t.CANCELED:

@@ -38,7 +38,8 @@ def _boot_id() -> str:
 BOOT_ID = _boot_id() if _BOOTTIME is not None else ""
 
 
-def _steady_ns() -> int:
+def steady_ns() -> int:
+    """The boot-time clock (monotonic, counting suspend) where the OS has one."""
     if _BOOTTIME is not None:
         return time.clock_gettime_ns(_BOOTTIME)
     return time.monotonic_ns()
@@ -52,7 +53,7 @@ class Clock:
     def __init__(
         self,
         wall_ns: Callable[[], int] = time.time_ns,
-        steady_ns: Callable[[], int] = _steady_ns,
+        steady_ns: Callable[[], int] = steady_ns,
     ) -> None:
         self._wall_ns = wall_ns
         self._steady_ns = steady_ns

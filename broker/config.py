@@ -175,6 +175,11 @@ class Config:
                 raise InvalidArgument(f"{name}: must be positive, got {getattr(self, name)!r}")
         if self.map_size_max_mb < self.map_size_mb:
             raise InvalidArgument("map_size_max_mb must be >= map_size_mb")
+        if self.store_reserve_mb * 2 > self.map_size_max_mb:
+            raise InvalidArgument(
+                f"store_reserve_mb ({self.store_reserve_mb}) must be at most half of "
+                f"map_size_max_mb ({self.map_size_max_mb}), or no command is ever accepted"
+            )
         for name in ("store_reserve_mb", "drain_delay_s", "grace_s"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name}: must not be negative, got {getattr(self, name)!r}")

@@ -206,9 +206,21 @@ class Dispatcher:
                 "%d commands became durable after their sender's deadline; abandoned unsent",
                 len(abandoned),
             )
-            write = self._store.abandon(abandoned, now_ms=now_ms())
-            self._record(write)
-            write.add_done_callback(lambda _: self._abandoning.difference_update(abandoned))
+            self._abandon(abandoned)
+
+    def _abandon(self, command_ids: list[str]) -> None:
+        """Record commands as abandoned; until that is on disk they are never sent, and a
+        failed write is tried again (the store may be failing: that made them late)."""
+        write = self._store.abandon(command_ids, now_ms=now_ms())
+        self._record(write)
+
+        def done(future: asyncio.Future[Any]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                asyncio.get_running_loop().call_later(ABANDON_RETRY_S, self._abandon, command_ids)
+            else:
+                self._abandoning.difference_update(command_ids)
+
+        write.add_done_callback(done)
 
     async def cancel(self, command_id: str) -> Any:
         write = self._store.cancel(command_id, now_ms=now_ms())
@@ -426,6 +438,8 @@ class Dispatcher:
                 continue  # terminal since it was queued, or a stale heap entry
             if command.expires_at_ms <= now:
                 continue  # the timer sweep marks it EXPIRED / UNKNOWN
+            if command_id in self._abandoning:
+                continue  # its sender was told it was not accepted: never sent
             queue.in_flight.add(command_id)
             session.send(_command_frame(command, command.attempt + 1))
 
@@ -461,6 +475,10 @@ class Dispatcher:
                 self._apply(command)
 
         write.add_done_callback(done)
+
+
+#: how soon a failed write recording abandoned commands is tried again
+ABANDON_RETRY_S = 1.0
 
 
 def _command_frame(command: Any, attempt: int) -> Any:

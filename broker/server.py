@@ -176,18 +176,26 @@ class Broker:
         reported_offset_ms = 0
         while True:
             await asyncio.sleep(timeout_s / 8)
-            closed = self.sessions.close_silent(timeout_s)
-            if closed:
-                self.dead_links += closed
-                logger.info("closed %d vehicle streams silent for %gs", closed, timeout_s)
-            offset_ms = clock.current().wall_offset_ms()
-            if abs(offset_ms - reported_offset_ms) > CLOCK_STEP_REPORT_MS:
-                reported_offset_ms = offset_ms
-                logger.warning(
-                    "the wall clock is %+d ms from broker time (it was stepped); deadlines "
-                    "keep to broker time, which advances steadily",
-                    offset_ms,
-                )
+            try:
+                reported_offset_ms = self._check_liveness_once(timeout_s, reported_offset_ms)
+            except Exception:  # this loop must outlive any one bad session
+                logger.exception("liveness check failed")
+
+    def _check_liveness_once(self, timeout_s: float, reported_offset_ms: int) -> int:
+        """One check; returns the wall-clock offset last reported."""
+        closed = self.sessions.close_silent(timeout_s)
+        if closed:
+            self.dead_links += closed
+            logger.info("closed %d vehicle streams silent for %gs", closed, timeout_s)
+        offset_ms = clock.current().wall_offset_ms()
+        if abs(offset_ms - reported_offset_ms) > CLOCK_STEP_REPORT_MS:
+            logger.warning(
+                "the wall clock is %+d ms from broker time (it was stepped); deadlines "
+                "keep to broker time, which advances steadily",
+                offset_ms,
+            )
+            return offset_ms
+        return reported_offset_ms
 
     async def _flush_state(self) -> None:
         """Apply coalesced telemetry, persist state, and restore cars that went quiet."""

@@ -442,6 +442,7 @@ class Servicer:
         self._stream_gate.admit()
         session = Session(vehicle_id, now_ms=now_ms())
         session.task = asyncio.current_task()
+        session.heartbeats = hello_frame.hello.sends_heartbeats
         await self._states.attach(vehicle_id)
         try:
             self._states.seen(vehicle_id, session.connected_since_ms)

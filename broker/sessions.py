@@ -55,6 +55,7 @@ class Session:
         "close_error",
         "closed",
         "connected_since_ms",
+        "heartbeats",
         "last_heard_s",
         "outbox",
         "recorded",
@@ -69,6 +70,8 @@ class Session:
         self.connected_since_ms = now_ms
         #: monotonic time of the last frame from the car (liveness)
         self.last_heard_s = time.monotonic()
+        #: the car said (Hello) it sends heartbeats: silence means a dead link
+        self.heartbeats = False
         self.outbox = Outbox()
         #: Why the stream ended; None for a clean end (the car hung up).
         self.close_error: BrokerError | None = None
@@ -135,10 +138,14 @@ class SessionRegistry:
     def close_silent(self, timeout_s: float) -> int:
         """Close the streams the broker has heard nothing on for `timeout_s`: their links
         died without a FIN (a NAT timeout, a handover), so their cars are gone even if
-        the socket still looks open. Returns how many were closed."""
+        the socket still looks open. Only cars that said they send heartbeats are
+        judged (an older car is left to the transport's keepalive). Returns how many
+        were closed."""
         heard_after = time.monotonic() - timeout_s
         silent = [
-            s for s in self._by_vehicle.values() if s.last_heard_s < heard_after and not s.closed
+            s
+            for s in self._by_vehicle.values()
+            if s.last_heard_s < heard_after and s.heartbeats and not s.closed
         ]
         for session in silent:
             session.close(Unavailable(f"nothing heard from this car for {timeout_s:g}s: dead link"))

@@ -74,14 +74,18 @@ _SEQ_KEY = b"seq"
 _CLOCK_KEY = b"clock"
 _NOTHING: Mapping[int, int] = MappingProxyType({})
 _SCHEMA_KEY = b"schema"
-#: 2: the `pending` index exists (a folder written before it gets it built on open)
-_SCHEMA = 2
+#: 2: the `pending` index exists (a folder written before it gets it built on open);
+#: 3: payloads over INLINE_PAYLOAD_MAX live in `payloads` (a version before 3 would read
+#: those commands with empty payloads: rolling back past it is not possible)
+_SCHEMA = 3
 #: payloads larger than this live in `payloads`, written once (see the module docstring)
 INLINE_PAYLOAD_MAX = 512
 #: how often (at most) the room left in the map and on the disk is measured
 SPACE_CHECK_INTERVAL_S = 0.2
-#: terminal commands purged ahead of retention per sweep while the store is short of room
+#: timers looked at per sweep for reclaiming while the store is short of room, and how
+#: long a command must have been terminal before it may go ahead of its retention
 RECLAIM_BATCH = 1000
+RECLAIM_MIN_AGE_MS = 60_000
 
 
 class NewCommand(NamedTuple):
@@ -208,6 +212,10 @@ class Store:
             try:
                 raw_seq = self._open_dbs()
                 break
+            except StoreUnavailable:
+                self._env.close()
+                self._lock_file.close()
+                raise
             except lmdb.MapFullError:
                 size = int(self._env.info()["map_size"])
                 if size >= map_size_max:
@@ -379,8 +387,16 @@ class Store:
             self._high_water_ms = int.from_bytes(raw_clock[:8], "big")
             self._high_water_steady_ns = int.from_bytes(raw_clock[8:16], "big")
             self._high_water_boot = raw_clock[16:].decode()
-            if txn.get(_SCHEMA_KEY, db=self._meta) is None:
+            raw_schema = txn.get(_SCHEMA_KEY, db=self._meta)
+            schema = int.from_bytes(raw_schema, "big") if raw_schema else 1
+            if schema > _SCHEMA:
+                raise StoreUnavailable(
+                    f"the store was written by a newer broker (layout {schema}; this one "
+                    f"knows up to {_SCHEMA}): run that version"
+                )
+            if schema < 2:
                 self._build_pending_index(txn)
+            if schema < _SCHEMA:
                 txn.put(_SCHEMA_KEY, _SCHEMA.to_bytes(2, "big"), db=self._meta)
             self._pending_count = int(txn.stat(self._pending)["entries"])
         return raw_seq
@@ -679,12 +695,20 @@ class Store:
         def op(txn: Any) -> tuple[list[Any], int]:
             changed = []
             due: list[tuple[bytes, int, str]] = []
+            unreadable: list[bytes] = []
             with txn.cursor(db=self._timers) as cursor:
                 for key in cursor.iternext(keys=True, values=False):
-                    at_ms, command_id = codec.split_timer_key(key)
+                    try:
+                        at_ms, command_id = codec.split_timer_key(key)
+                    except (ValueError, UnicodeDecodeError):  # not ours: dropped below
+                        unreadable.append(bytes(key))
+                        continue
                     if at_ms > now_ms or len(due) >= limit:
                         break
-                    due.append((key, at_ms, command_id))
+                    due.append((bytes(key), at_ms, command_id))
+            for key in unreadable:
+                logger.warning("dropping an unreadable timer key %r", key)
+                txn.delete(key, db=self._timers)
             for key, at_ms, command_id in due:
                 command = self._load(txn, command_id)
                 if command is None or self._timer_at(command) != at_ms:
@@ -744,11 +768,13 @@ class Store:
         purged = 0
         for key in keys:
             at_ms, command_id = codec.split_timer_key(key)
-            command = self._load(txn, command_id)
+            command = self._load(txn, command_id, with_payload=False)
             if command is None or command.status not in TERMINAL:
                 continue
             if self._timer_at(command) != at_ms:
                 continue
+            if command.updated_at_ms + RECLAIM_MIN_AGE_MS > now_ms:
+                continue  # its caller may still be reading the outcome
             if command.idempotency_key and (
                 command.created_at_ms + self._idempotency_window_ms > now_ms
             ):
@@ -846,13 +872,13 @@ class Store:
 
     # -- record helpers (writer thread only) ------------------------------------------------
 
-    def _load(self, txn: Any, command_id: str) -> Any | None:
+    def _load(self, txn: Any, command_id: str, *, with_payload: bool = True) -> Any | None:
         key = command_id.encode()
         blob = txn.get(key, db=self._commands)
         if blob is None:
             return None
         command = t.Command.FromString(blob)
-        if not command.payload:  # empty, or kept apart
+        if with_payload and not command.payload:  # empty, or kept apart
             payload = txn.get(key, db=self._payloads)
             if payload is not None:
                 command.payload = payload

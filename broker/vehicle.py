@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 
 from broker.auth import VEHICLE_ID_HEADER
-from broker.clock import now_ms
+from broker.clock import now_ms, steady_ns
 from broker.errors import pushback_ms
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
@@ -138,7 +138,7 @@ class VehicleAgent:
         #: the broker's clock at the Welcome, and our monotonic time then: the broker's
         #: time now is derived from these, so a step of this car's clock changes nothing
         self._welcome_server_ms = 0
-        self._welcome_at_s = 0.0
+        self._welcome_at_ns = 0
         self._last_write_s = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.connected = asyncio.Event()
@@ -206,6 +206,7 @@ class VehicleAgent:
                         firmware=self._firmware,
                         capabilities=sorted(self.handlers),
                         recent_command_ids=list(self._results)[-64:],
+                        sends_heartbeats=True,
                     )
                 ),
             )
@@ -217,7 +218,7 @@ class VehicleAgent:
                 if kind == "welcome":
                     welcome = frame.welcome
                     self._welcome_server_ms = welcome.server_time_ms
-                    self._welcome_at_s = time.monotonic()
+                    self._welcome_at_ns = steady_ns()
                     self.session_id = welcome.session_id
                     self.telemetry_policy = welcome.telemetry_policy
                     self.connects += 1
@@ -326,8 +327,9 @@ class VehicleAgent:
             return  # the stream broke; the next session starts its own
 
     def server_now_ms(self) -> int:
-        """The broker's clock now, as of the last Welcome (this car's own clock unused)."""
-        return self._welcome_server_ms + int((time.monotonic() - self._welcome_at_s) * 1000)
+        """The broker's clock now, as of the last Welcome, advanced by the boot-time clock
+        (which counts a suspended ECU's sleep; this car's wall clock is not used)."""
+        return self._welcome_server_ms + (steady_ns() - self._welcome_at_ns) // 1_000_000
 
     # -- commands ----------------------------------------------------------------------------
 

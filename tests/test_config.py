@@ -74,3 +74,19 @@ def test_bad_toml_file(tmp_path: Path) -> None:
         load_config({}, config_file=toml, environ=SECRET_ENV)
     with pytest.raises(InvalidArgument, match="config file"):
         load_config({}, config_file=tmp_path / "missing.toml", environ=SECRET_ENV)
+
+
+def test_a_reserve_that_leaves_no_room_for_commands_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="store_reserve_mb"):
+        load_config(
+            {"map_size_mb": 16, "map_size_max_mb": 100, "store_reserve_mb": 64},
+            environ={"BROKER_AUTH_SECRET": "x" * 16},
+        )
+
+
+def test_liveness_must_outlast_the_heartbeat_interval() -> None:
+    with pytest.raises(InvalidArgument, match="liveness_timeout_s"):
+        load_config(
+            {"heartbeat_interval_s": 30, "liveness_timeout_s": 20},
+            environ={"BROKER_AUTH_SECRET": "x" * 16},
+        )

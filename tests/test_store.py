@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from broker import clock
 from broker.errors import Conflict, FailedPrecondition, NotFound, StoreUnavailable
 from broker.store import (
+    RECLAIM_MIN_AGE_MS,
     SPACE_CHECK_INTERVAL_S,
     TERMINAL,
     Created,
@@ -1225,7 +1227,7 @@ async def test_short_of_room_new_work_is_refused_and_terminal_commands_are_recla
     for _ in range(100):
         if store.space_problem() is None:
             break
-        changed, _ = await store.fire_timers(now_ms=T0 + 2)
+        changed, _ = await store.fire_timers(now_ms=T0 + 1 + RECLAIM_MIN_AGE_MS)
         assert changed == []
         await asyncio.sleep(SPACE_CHECK_INTERVAL_S)
     assert store.space_problem() is None, "reclaiming never made room"
@@ -1324,16 +1326,41 @@ async def test_reclaim_reaches_terminal_commands_behind_many_pending_ones(
     open_store: OpenStore,
 ) -> None:
     # A reserve larger than any map: the store is always "short of room".
-    store = await open_store(retention_ms=86_400_000, reserve_bytes=1 << 50, fsync=False)
+    store = await open_store(
+        retention_ms=86_400_000,
+        idempotency_window_ms=3_600_000,
+        reserve_bytes=1 << 50,
+        fsync=False,
+    )
     pending = [new(f"car-{n % 50}", ttl_ms=600_000) for n in range(1_500)]
     await store.create(pending, online=(), now_ms=T0)
     done = [await create_id(store, new(ttl_ms=600_000), now_ms=T0) for _ in range(5)]
     keyed = await create_id(store, new(idempotency_key="k"), now_ms=T0)
     for command_id in [*done, keyed]:
         await store.cancel(command_id, now_ms=T0 + 1)
+    await store.fire_timers(now_ms=T0 + 2)
+    assert set(done) <= set((await dump(store)).commands)  # too recently finished
     for _ in range(5):  # a few sweeps walk every timer
-        await store.fire_timers(now_ms=T0 + 2)
+        await store.fire_timers(now_ms=T0 + 1 + RECLAIM_MIN_AGE_MS)
     state = await dump(store)
     assert not set(done) & set(state.commands)  # purged ahead of the day's retention
     assert keyed in state.commands  # its idempotency key is still in its window
     assert len(state.commands) == 1_501
+
+
+async def test_a_store_from_a_newer_layout_is_refused_and_released(
+    open_store: OpenStore, tmp_path: Path
+) -> None:
+    store = await open_store()
+    await store.writer.submit(
+        lambda txn: txn.put(b"schema", (99).to_bytes(2, "big"), db=store._meta)
+    )
+    await store.close()
+    with pytest.raises(StoreUnavailable, match="newer broker"):
+        Store(tmp_path / "db")
+    # The folder lock was released: fixing the version (here: the layout) opens it.
+    probe = lmdb.open(str(tmp_path / "db"), max_dbs=9)
+    with probe.begin(write=True) as txn:
+        txn.put(b"schema", (3).to_bytes(2, "big"), db=probe.open_db(b"meta", txn=txn))
+    probe.close()
+    Store(tmp_path / "db")._lock_file.close()

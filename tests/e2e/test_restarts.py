@@ -22,7 +22,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 async def test_sigterm_shows_not_serving_first_then_drains_and_exits_early(
     spawn: Callable[..., BrokerProcess],
 ) -> None:
-    broker = spawn(env={"BROKER_DRAIN_DELAY_S": "1.5", "BROKER_GRACE_S": "20"})
+    broker = spawn(env={"BROKER_DRAIN_DELAY_S": "3", "BROKER_GRACE_S": "20"})
     token = issue_token(SECRET, service="ops", scopes=("send", "read"))
     async with (
         grpc.aio.insecure_channel(broker.target) as channel,
@@ -60,7 +60,9 @@ async def test_sdk_retries_through_a_kill_9_and_never_duplicates_a_command(
     broker = spawn(env={"BROKER_CRITICAL_PER_MINUTE": "100000"})
     token = issue_token(SECRET, service="app", scopes=("send", "read"))
     sends = 60
-    async with BrokerClient(broker.target, token=token, timeout_s=30) as client:
+    async with BrokerClient(
+        broker.target, token=token, timeout_s=60, reconnect_wait_s=45
+    ) as client:
         replies: list[str] = []
 
         async def sender(first: int) -> None:
