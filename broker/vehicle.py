@@ -245,12 +245,6 @@ class VehicleAgent:
             call.cancel()
         return reconnect_after_s
 
-    def drop_connection(self) -> None:
-        """End the current stream as a lost link would; the agent reconnects by itself
-        (for drills and tests of what a dropped link does)."""
-        if self._call is not None:
-            self._call.cancel()
-
     async def stop(self) -> None:
         self._stopping = True
         if self._call is not None:

@@ -73,11 +73,6 @@ class Writer:
         self._loop = loop
         self._thread.start()
 
-    @property
-    def queued(self) -> int:
-        """Operations waiting for their group (approximate, for probes and tests)."""
-        return self._jobs.qsize()
-
     def submit(self, op: Op[T]) -> asyncio.Future[T]:
         """Queue `op`; the future resolves after the group holding it is committed."""
         assert self._loop is not None, "writer not started"
