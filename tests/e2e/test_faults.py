@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -510,6 +511,9 @@ class LoopDisk:
 def loop_disk(tmp_path: Path) -> Iterator[LoopDisk]:
     if os.geteuid() != 0:
         pytest.skip("a loop-mounted filesystem needs root")
+    missing = [tool for tool in ("mkfs.ext4", "fsfreeze") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (e2fsprogs, util-linux)")
     with LoopDisk(tmp_path) as disk:
         yield disk
 
