@@ -167,17 +167,15 @@ class Dispatcher:
                 if result.command.command_id in self._abandoning:
                     results[index] = NotCommittedInTime(abandoned=True)
                 continue
+            for older in result.superseded:  # superseded whether or not this one goes
+                self._apply(older)
             commit_by_s = items[index].commit_by_s
             if commit_by_s and committed_s > commit_by_s:
                 abandoned.append(result.command.command_id)
                 self._abandoning.add(result.command.command_id)
                 self.abandoned += 1
                 results[index] = NotCommittedInTime(abandoned=True)  # what its caller hears
-                for older in result.superseded:
-                    self._apply(older)
                 continue
-            for older in result.superseded:
-                self._apply(older)
             command = result.command
             self._events.publish(command)
             vehicle_id = command.vehicle_id
