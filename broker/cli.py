@@ -16,22 +16,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import broker
-from broker.auth import issue_token
-from broker.client import (
+from broker.core import lanes
+from broker.core.errors import BrokerError, InvalidArgument
+from broker.sdk.client import (
     DEFAULT_TARGET,
-    LANE_NAMES,
     WAIT_MODES,
     BrokerClient,
     BrokerRpcError,
     command_to_dict,
 )
-from broker.errors import BrokerError, InvalidArgument
+from broker.security.auth import issue_token
 from broker_ext._compat import extensions_summary
 
 if TYPE_CHECKING:
     import grpc
 
-    from broker.simulator import SimulatedFleet
+    from broker.sdk.simulator import SimulatedFleet
 
 logger = logging.getLogger("broker")
 
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("command")
     send.add_argument("--payload", help="JSON payload")
     send.add_argument("--ttl", type=_seconds(_WIRE_MAX_S), help="seconds until the command expires")
-    send.add_argument("--priority", choices=sorted(LANE_NAMES), help="lane (may only lower it)")
+    send.add_argument("--priority", choices=sorted(lanes.VALUES), help="lane (may only lower it)")
     send.add_argument("--idempotency-key", default="")
     send.add_argument("--coalesce-key", default="")
     send.add_argument("--wait", choices=sorted(WAIT_MODES), default="none")
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(lambda: _vehicle_sim(args))
         return _run(lambda: _client_command(args))
     except BrokerError as exc:
-        print(f"error: {exc.status.name}: {exc.message}", file=sys.stderr)
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
     except BrokerRpcError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    from broker.server import install_event_loop_policy
+    from broker.server.broker import install_event_loop_policy
 
     install_event_loop_policy()
     return asyncio.run(factory())
@@ -203,7 +203,7 @@ class _JsonFormatter(logging.Formatter):
 
 def _serve(args: argparse.Namespace) -> int:
     from broker.config import load_config
-    from broker.server import Broker, install_event_loop_policy
+    from broker.server.broker import Broker, install_event_loop_policy
 
     config = load_config(
         {
@@ -370,7 +370,7 @@ def _print_state(args: argparse.Namespace, state: Any) -> None:
 
 
 async def _vehicle_sim(args: argparse.Namespace) -> int:
-    from broker.simulator import SimulatedFleet
+    from broker.sdk.simulator import SimulatedFleet
 
     secret = args.secret or os.environ.get("BROKER_AUTH_SECRET") or None
     fleet = SimulatedFleet(

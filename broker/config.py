@@ -12,16 +12,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from broker.errors import InvalidArgument
-from broker.v1 import types_pb2
-
-LANES: Mapping[str, int] = MappingProxyType(
-    {
-        "critical": types_pb2.CRITICAL,
-        "interactive": types_pb2.INTERACTIVE,
-        "bulk": types_pb2.BULK,
-    }
-)
+from broker.core import lanes
+from broker.core.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -36,7 +28,7 @@ class CommandPolicy:
 def _policies(
     lane: str, ttl_s: float, result_timeout_s: float, *names: str
 ) -> dict[str, CommandPolicy]:
-    return {n: CommandPolicy(LANES[lane], ttl_s, result_timeout_s) for n in names}
+    return {n: CommandPolicy(lanes.VALUES[lane], ttl_s, result_timeout_s) for n in names}
 
 
 DEFAULT_COMMANDS: Mapping[str, CommandPolicy] = MappingProxyType(
@@ -48,7 +40,7 @@ DEFAULT_COMMANDS: Mapping[str, CommandPolicy] = MappingProxyType(
     }
 )
 #: The policy of a command name that is not in the table.
-FALLBACK_POLICY = CommandPolicy(types_pb2.INTERACTIVE, 300, 60)
+FALLBACK_POLICY = CommandPolicy(lanes.INTERACTIVE, 300, 60)
 
 
 @dataclass(frozen=True)
@@ -97,13 +89,13 @@ class Config:
     #: interval, oldest change first); a car's state is persisted at once when it goes
     state_persist_interval_s: float = 10.0
     max_state_fields: int = 256
-    #: telemetry verbosity guard budgets (see broker/telemetry.py); per broker process
+    #: telemetry verbosity guard budgets (see broker/core/telemetry.py); per broker process
     telemetry_car_msgs_per_s: float = 2
     telemetry_car_bytes_per_s: float = 4096
     telemetry_fleet_msgs_per_s: float = 5000
     telemetry_fleet_bytes_per_s: float = 4_000_000
     telemetry_hold_s: float = 30
-    #: adaptive admission of command work (see broker/admission.py)
+    #: adaptive admission of command work (see broker/core/admission.py)
     admission_initial_limit: int = 64
     admission_min_limit: int = 8
     admission_max_limit: int = 512
@@ -119,7 +111,8 @@ class Config:
     #: for days) and everything else
     critical_max_ttl_s: float = 3600
     max_ttl_s: float = 7 * 86400
-    #: non-terminal commands held; past 80% bulk is refused, past 100% interactive too
+    #: non-terminal commands held; each lane is refused past its fraction of it
+    #: (broker/core/lanes.py: bulk at 80%, interactive at 100%, critical never)
     durable_queue_budget: int = 2_000_000
     #: on SIGTERM: health says NOT_SERVING this long while everything is still served
     #: (load balancers and kubelets polling Check see it), then the drain starts
@@ -134,6 +127,10 @@ class Config:
 
     def policy(self, name: str) -> CommandPolicy:
         return self.commands.get(name, FALLBACK_POLICY)
+
+    def ttl_limit_s(self, lane: int) -> float:
+        """The longest TTL a caller may ask for on `lane` (the lane table names the setting)."""
+        return float(getattr(self, lanes.BY_VALUE[lane].max_ttl_setting))
 
     def validate(self) -> None:
         for name in ("listen", "metrics_listen"):
@@ -225,12 +222,12 @@ def _commands_from_toml(table: Mapping[str, Any]) -> Mapping[str, CommandPolicy]
     for name, spec in table.items():
         base = merged.get(name, FALLBACK_POLICY)
         lane_name = spec.get("lane")
-        if lane_name is not None and lane_name not in LANES:
+        if lane_name is not None and lane_name not in lanes.VALUES:
             raise InvalidArgument(
-                f"commands.{name}.lane: one of {sorted(LANES)}, got {lane_name!r}"
+                f"commands.{name}.lane: one of {sorted(lanes.VALUES)}, got {lane_name!r}"
             )
         merged[name] = CommandPolicy(
-            LANES[lane_name] if lane_name else base.lane,
+            lanes.VALUES[lane_name] if lane_name else base.lane,
             float(spec.get("ttl_s", base.ttl_s)),
             float(spec.get("result_timeout_s", base.result_timeout_s)),
         )

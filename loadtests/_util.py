@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from loadtests.broker_process import LOOPBACK, PROJECT_ROOT
+from broker.testing import LOOPBACK, PROJECT_ROOT
 
 CARS_READY = "cars ready"
 #: The bench measures the command path's speed, not the per-car critical quota (which
@@ -330,8 +330,8 @@ async def _stdin_closed() -> None:
 async def run_cars(target: str, count: int, prefix: str, connect_timeout_s: float) -> None:
     """Hold `count` vehicle streams that execute unlock/lock at once, until stdin closes."""
 
-    from broker.simulator import shared_channels
-    from broker.vehicle import VehicleAgent
+    from broker.sdk.simulator import shared_channels
+    from broker.sdk.vehicle import VehicleAgent
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = args.target.rpartition(":")[0]
     if host != LOOPBACK:
         parser.error(f"the bench only talks to {LOOPBACK}, not {host!r}")
-    from broker.server import install_event_loop_policy
+    from broker.server.broker import install_event_loop_policy
 
     install_event_loop_policy()
     asyncio.run(run_cars(args.target, args.cars, args.prefix, args.connect_timeout))

@@ -80,9 +80,10 @@ from typing import Any, TypeVar
 import grpc
 import lmdb
 
-from broker.client import BrokerClient, BrokerRpcError, build_request
 from broker.config import Config
-from broker.server import install_event_loop_policy
+from broker.sdk.client import BrokerClient, BrokerRpcError, build_request
+from broker.server.broker import install_event_loop_policy
+from broker.testing import LOOPBACK, BrokerProcess, status_kb
 from broker.v1 import types_pb2 as t
 from broker_ext._compat import extensions_summary
 from loadtests import drills, mosquitto, report
@@ -94,7 +95,6 @@ from loadtests._util import (
     Window,
     hdr_ms,
 )
-from loadtests.broker_process import LOOPBACK, BrokerProcess, status_kb
 from loadtests.ceilings import CeilingServer, drive_clients
 
 T = TypeVar("T")
@@ -618,7 +618,7 @@ def measure_raw_lmdb_batches(
                     with env.begin(write=True) as txn:
                         for _ in range(batch_size):
                             seq += 1
-                            # Key shapes as in broker/store.py and broker_ext/_codec_py.py.
+                            # Key shapes as in the LMDB store (broker_ext/_codec_py.py)
                             command_id = f"{now_ms:012x}{os.urandom(6).hex()}".encode()
                             txn.put(command_id, value, db=commands)
                             car = next(cars)

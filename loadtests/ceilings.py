@@ -55,17 +55,17 @@ from typing import Any, TypeVar
 
 import grpc
 
-from broker.auth import VEHICLE_ID_HEADER
-from broker.client import build_request
-from broker.clock import now_ms
 from broker.config import Config
-from broker.server import install_event_loop_policy, server_options
+from broker.core.clock import now_ms
+from broker.sdk.client import build_request
+from broker.sdk.vehicle import signals
+from broker.server.broker import install_event_loop_policy, server_options
+from broker.testing import LOOPBACK
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
-from broker.vehicle import signals
+from broker.wire import VEHICLE_ID_HEADER
 from loadtests._util import CARS_PER_CHANNEL, ChildProcess, CpuMeter, Window, stdin_reader
-from loadtests.broker_process import LOOPBACK
 
 T = TypeVar("T")
 SERVER_READY = "ceiling ready on"

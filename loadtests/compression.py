@@ -26,11 +26,11 @@ from typing import Any
 
 import grpc
 
-from broker.clock import now_ms
+from broker.core.clock import now_ms
+from broker.sdk.vehicle import VehicleAgent, signals
+from broker.testing import BrokerProcess
 from broker.v1 import vehicle_link_pb2 as link
-from broker.vehicle import VehicleAgent, signals
 from loadtests._util import WIDE_OPEN, cpu_seconds, stop_agents
-from loadtests.broker_process import BrokerProcess
 
 SETTINGS = {"off": None, "gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate}
 

@@ -35,13 +35,13 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.client import BrokerClient, BrokerRpcError
-from broker.simulator import SimulatedFleet
-from broker.store import TERMINAL
+from broker.sdk.client import BrokerClient, BrokerRpcError
+from broker.sdk.simulator import SimulatedFleet
+from broker.storage.lmdb_store import TERMINAL
+from broker.testing import LOOPBACK, BrokerProcess
 from broker.v1 import types_pb2 as t
 from loadtests import netns
 from loadtests._util import latency_ms
-from loadtests.broker_process import LOOPBACK, BrokerProcess
 
 
 @dataclass
@@ -555,7 +555,7 @@ async def link_loss(
             },
         )
         await broker.astart()
-        from broker.auth import issue_token
+        from broker.security.auth import issue_token
 
         token = issue_token(secret, service="drill", scopes=("send", "read"))
         client = BrokerClient(f"{netns.BROKER_FROM_ROOT}:{broker.port}", token=token)

@@ -49,8 +49,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from broker.testing import LOOPBACK, PROJECT_ROOT, BrokerProcess, status_kb
 from loadtests._util import UNTHROTTLED, cpu_seconds, hdr_ms
-from loadtests.broker_process import LOOPBACK, PROJECT_ROOT, BrokerProcess, status_kb
 
 SCENARIOS = ("steady", "storm", "crash", "reconnect-storm")
 OUT_DIR = PROJECT_ROOT / "bench-out"
@@ -103,8 +103,8 @@ async def run_cars(args: argparse.Namespace) -> None:
     a JSON progress line on stdout every `args.report_s`; ends when stdin closes."""
     import grpc
 
-    from broker.clock import now_ms
-    from broker.vehicle import VehicleAgent, signals
+    from broker.core.clock import now_ms
+    from broker.sdk.vehicle import VehicleAgent, signals
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -463,7 +463,7 @@ class Fleet:
         }
 
     async def start(self) -> None:
-        from broker.client import BrokerClient
+        from broker.sdk.client import BrokerClient
 
         await self.broker.astart()
         await asyncio.sleep(1.0)
@@ -500,7 +500,7 @@ class Fleet:
         return f"{car.prefix}{rng.randrange(car.count)}"
 
     async def unlock_once(self, vehicle_id: str, timeout_s: float) -> tuple[str, float]:
-        from broker.client import BrokerRpcError
+        from broker.sdk.client import BrokerRpcError
         from broker.v1 import types_pb2 as t
 
         started = time.perf_counter()
@@ -811,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-s", type=float, default=1.0)
     args = parser.parse_args(argv)
-    from broker.server import install_event_loop_policy
+    from broker.server.broker import install_event_loop_policy
 
     install_event_loop_policy()
     if args.scenario == "_cars":

@@ -65,12 +65,13 @@ from locust.env import Environment
 from locust.exception import StopTest
 from locust.runners import WorkerRunner
 
-from broker.auth import VEHICLE_ID_HEADER, issue_token
-from broker.client import build_request
-from broker.clock import now_ms
+from broker.core.clock import now_ms
+from broker.sdk.client import build_request
+from broker.security.auth import issue_token
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
+from broker.wire import PUSHBACK_KEY, VEHICLE_ID_HEADER
 
 # Must run after gevent's monkey-patching (Locust did it) and before any gRPC object exists.
 grpc_gevent.init_gevent()
@@ -80,7 +81,6 @@ logger = logging.getLogger(__name__)
 REQUEST_TYPE = "grpc"
 CONNECT_METHOD = "/broker.v1.VehicleLink/Connect"
 SERVICE_PREFIX = "/broker.v1.CommandService/"
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
 #: a channel of its own per group of users (not grpc's process-wide subchannel sharing)
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 #: users per shared channel (one HTTP/2 connection each), as the fleet simulator does

@@ -41,8 +41,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from broker.testing import LOOPBACK, PROJECT_ROOT, BrokerProcess
 from loadtests._util import UNTHROTTLED, cpu_seconds, stop_agents
-from loadtests.broker_process import LOOPBACK, PROJECT_ROOT, BrokerProcess
 
 OUT = PROJECT_ROOT / "bench-out" / "mosquitto.json"
 INSTALL_MOSQUITTO = "sudo apt-get install -y mosquitto   # Debian/Ubuntu; or your OS package"
@@ -380,7 +380,7 @@ async def _ok(payload: bytes) -> bool:
 async def _send_all(client: Any, ids: Sequence[str], per_car: int) -> set[str]:
     """`per_car` climate commands to every car, SendCommands batches of 1000; the ids of
     the accepted ones (acknowledged: the RPC answered)."""
-    from broker.client import build_request
+    from broker.sdk.client import build_request
 
     requests = [
         build_request(v, "climate", {"temperature_c": 20 + n}, ttl_s=3600)
@@ -412,9 +412,9 @@ async def _drain(
     messages per command that Mosquitto's side does not carry).
     """
 
-    from broker.simulator import shared_channels
+    from broker.sdk.simulator import shared_channels
+    from broker.sdk.vehicle import VehicleAgent
     from broker.v1 import types_pb2 as t
-    from broker.vehicle import VehicleAgent
 
     executions = 0
     all_executed = asyncio.Event()
@@ -489,7 +489,7 @@ async def _stored(
 
 
 async def run_broker(workdir: Path, cars: int, per_car: int, loss_wait_s: float) -> dict[str, Any]:
-    from broker.client import BrokerClient
+    from broker.sdk.client import BrokerClient
 
     ids = [f"car-{i}" for i in range(cars)]
     out: dict[str, Any] = {"system": "this broker (fsync)"}
@@ -589,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lacking is not None:
         print(lacking, file=sys.stderr)
         return 2
-    from broker.server import install_event_loop_policy
+    from broker.server.broker import install_event_loop_policy
 
     install_event_loop_policy()
     print(

@@ -193,8 +193,8 @@ async def start_car(
 
 
 async def _car(args: argparse.Namespace) -> None:
-    from broker.auth import issue_token
-    from broker.vehicle import VehicleAgent
+    from broker.sdk.vehicle import VehicleAgent
+    from broker.security.auth import issue_token
     from loadtests._util import stdin_reader
 
     def emit(event: str, **fields: Any) -> None:

@@ -27,11 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.client import BrokerClient, build_request
-from broker.server import install_event_loop_policy
-from broker.vehicle import VehicleAgent
+from broker.sdk.client import BrokerClient, build_request
+from broker.sdk.vehicle import VehicleAgent
+from broker.server.broker import install_event_loop_policy
+from broker.testing import BrokerProcess, status_kb
 from loadtests._util import UNTHROTTLED, stop_agents
-from loadtests.broker_process import BrokerProcess, status_kb
 
 BATCH = 512
 

@@ -11,12 +11,12 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import settings
 
-from broker.auth import issue_token
-from broker.client import BrokerClient
 from broker.config import Config
-from broker.server import Broker
-from broker.simulator import SimulatedFleet
-from broker.vehicle import VehicleAgent
+from broker.sdk.client import BrokerClient
+from broker.sdk.simulator import SimulatedFleet
+from broker.sdk.vehicle import VehicleAgent
+from broker.security.auth import issue_token
+from broker.server.broker import Broker
 
 # A 2-core CI machine running e2e brokers next to property tests: time per example is
 # not what these tests check, so no per-example deadline.

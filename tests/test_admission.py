@@ -15,16 +15,12 @@ import time
 from collections import deque
 from typing import Any
 
-import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.admission import (
-    BULK,
-    CRITICAL,
-    INTERACTIVE,
-    LANE_NAMES,
+from broker.core import lanes
+from broker.core.admission import (
     RETRY_AFTER_MAX_MS,
     RETRY_AFTER_MIN_MS,
     Admission,
@@ -33,7 +29,8 @@ from broker.admission import (
     Ticket,
     VehicleQuotaExceeded,
 )
-from broker.errors import QuotaExceeded, Unavailable
+from broker.core.errors import QuotaExceeded, Unavailable
+from broker.core.lanes import BULK, CRITICAL, INTERACTIVE
 
 # With a fixed limit of 10: 1 slot reserved for critical, a pool of 9 for the other lanes,
 # of which interactive's share is 6 and bulk's 3; bulk borrows only while 7 are in use.
@@ -80,13 +77,13 @@ async def enqueue(admission: Admission, lane: int, count: int) -> list[asyncio.T
 
 def assert_counts_add_up(admission: Admission) -> None:
     queued = admission.queued
-    for lane in LANE_NAMES:
+    for lane in lanes.BY_VALUE:
         assert admission.offered[lane] == (
             admission.admitted[lane]
             + admission.shed[lane]
             + admission.cancelled[lane]
             + queued[lane]
-        ), LANE_NAMES[lane]
+        ), lanes.name(lane)
 
 
 # -- Gradient2Limit -------------------------------------------------------------------------
@@ -204,7 +201,7 @@ async def test_critical_quota_is_per_vehicle_and_refills() -> None:
         await admission.acquire(CRITICAL, "car-a")
     error = refused.value
     assert isinstance(error, QuotaExceeded)
-    assert error.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.code == "RESOURCE_EXHAUSTED"
     assert 9_990 <= error.retry_after_ms <= 10_010  # 6 a minute: one token per 10 s
     assert admission.quota_refused[CRITICAL] == 1
     assert admission.offered[CRITICAL] == admission.admitted[CRITICAL] == 2
@@ -325,7 +322,7 @@ async def test_codel_sheds_only_after_a_full_interval_above_target() -> None:
     assert shed and all(isinstance(error, Overloaded) for error in shed)
     for error in shed:
         assert isinstance(error, Overloaded)
-        assert error.status == grpc.StatusCode.UNAVAILABLE
+        assert error.code == "UNAVAILABLE"
         assert RETRY_AFTER_MIN_MS <= error.retry_after_ms <= RETRY_AFTER_MAX_MS
     # While shedding, nobody waits longer than the interval.
     assert admission.queue_delay_s[INTERACTIVE] <= admission.codel_interval_s + 0.002
@@ -464,7 +461,7 @@ async def test_close_refuses_waiters_and_later_work() -> None:
 OPS = st.lists(
     st.tuples(
         st.sampled_from(["arrive", "release", "advance", "cancel", "release+cancel"]),
-        st.sampled_from(sorted(LANE_NAMES)),
+        st.sampled_from(sorted(lanes.BY_VALUE)),
         st.integers(0, 60),
     ),
     max_size=80,
@@ -516,7 +513,7 @@ async def _run_ops(ops: list[tuple[str, int, int]]) -> None:
         admission.poll()
         await settle()
     assert admission.in_flight_total == 0
-    assert admission.queued == dict.fromkeys(LANE_NAMES, 0)
+    assert admission.queued == dict.fromkeys(lanes.BY_VALUE, 0)
     assert_counts_add_up(admission)
     admission.close()
 
@@ -524,7 +521,7 @@ async def _run_ops(ops: list[tuple[str, int, int]]) -> None:
 @pytest.mark.parametrize("limit", [1, 2, 3, 8])
 async def test_every_lane_moves_even_at_a_tiny_limit(limit: int) -> None:
     admission = Admission(fixed(limit), clock=FakeClock())
-    for lane in LANE_NAMES:
+    for lane in lanes.BY_VALUE:
         async with admission.slot(lane):
             pass
-    assert admission.admitted == dict.fromkeys(LANE_NAMES, 1)
+    assert admission.admitted == dict.fromkeys(lanes.BY_VALUE, 1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.auth import Authenticator, Principal, issue_token
-from broker.errors import PermissionDenied, Unauthenticated
+from broker.core.errors import PermissionDenied, Unauthenticated
+from broker.security.auth import Authenticator, Principal, issue_token
 
 SECRET = "unit-secret-0123456789abcdef"
 

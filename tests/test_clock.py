@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from broker import clock
-from broker.clock import BOOT_ID, Clock
+from broker.core import clock
+from broker.core.clock import BOOT_ID, Clock
 
 
 class Fake:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from broker.config import FALLBACK_POLICY, load_config
-from broker.errors import InvalidArgument
+from broker.core.errors import InvalidArgument
 from broker.v1 import types_pb2 as t
 
 SECRET_ENV = {"BROKER_AUTH_SECRET": "0123456789abcdef0123"}

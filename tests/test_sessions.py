@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from broker.sessions import CLOSE, Outbox, Session
+from broker.core.sessions import CLOSE, Outbox, Session
 
 
 async def test_outbox_hands_out_in_order_and_in_bounded_batches() -> None:

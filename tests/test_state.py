@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.sessions import SessionRegistry
-from broker.state import VehicleStates
-from broker.store import Store
+from broker.core.sessions import SessionRegistry
+from broker.core.state import VehicleStates
+from broker.storage.lmdb_store import Store
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 

@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from broker import clock
-from broker.errors import Conflict, FailedPrecondition, NotFound, StoreUnavailable
-from broker.store import (
+from broker.core import clock
+from broker.core.errors import Conflict, FailedPrecondition, NotFound, StoreUnavailable
+from broker.storage.lmdb_store import (
     RECLAIM_MIN_AGE_MS,
     SPACE_CHECK_INTERVAL_S,
     TERMINAL,
@@ -601,7 +601,7 @@ async def test_vehicle_state_put_get_and_survives_reopen(open_store: OpenStore) 
 async def test_map_grows_under_many_writes(
     open_store: OpenStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="broker.writer")
+    caplog.set_level(logging.WARNING, logger="broker.storage.writer")
     store = await open_store(map_size=64 << 10, map_size_max=64 << 20, fsync=False)
     created = []
     for batch in range(20):

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.telemetry import (
+from broker.core.telemetry import (
     MAX_READ_PAUSE_S,
     Level,
     TelemetryGuard,

@@ -11,8 +11,8 @@ from typing import Any
 import lmdb
 import pytest
 
-from broker.errors import NotFound, StoreUnavailable
-from broker.writer import Writer
+from broker.core.errors import NotFound, StoreUnavailable
+from broker.storage.writer import Writer
 
 
 @pytest.fixture

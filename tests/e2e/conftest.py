@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from loadtests.broker_process import BrokerProcess
+from broker.testing import BrokerProcess
 from tests.conftest import SECRET
 
 

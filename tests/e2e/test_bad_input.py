@@ -9,12 +9,12 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.auth import issue_token
-from broker.client import BrokerRpcError, build_request
+from broker.sdk.client import BrokerRpcError, build_request
+from broker.sdk.vehicle import VehicleAgent
+from broker.security.auth import issue_token
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
-from broker.vehicle import VehicleAgent
 from tests.conftest import SECRET, Running
 
 

@@ -20,13 +20,13 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.auth import issue_token
-from broker.client import BrokerClient
 from broker.config import Config
-from broker.server import server_options
+from broker.sdk.client import BrokerClient
+from broker.security.auth import issue_token
+from broker.server.broker import server_options
+from broker.testing import BrokerProcess
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
-from loadtests.broker_process import BrokerProcess
 from tests.conftest import SECRET
 
 #: Streams per burst. On 2 cores the bare server loses ~20% of 3000 with grpc's defaults;

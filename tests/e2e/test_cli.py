@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 import broker
-from broker.auth import Authenticator, issue_token
-from loadtests.broker_process import BrokerProcess, clean_env
+from broker.security.auth import Authenticator, issue_token
+from broker.testing import BrokerProcess, clean_env
 from tests.conftest import SECRET
 
 CLI = [sys.executable, "-m", "broker.cli"]

@@ -12,10 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from broker.client import BrokerRpcError, SyncBrokerClient, build_request
 from broker.config import DEFAULT_COMMANDS, CommandPolicy
+from broker.sdk.client import BrokerRpcError, SyncBrokerClient, build_request
+from broker.sdk.vehicle import VehicleAgent
 from broker.v1 import types_pb2 as t
-from broker.vehicle import VehicleAgent
 from tests.conftest import Running
 
 FAST_TIMERS = {"sweep_interval_s": 0.05}

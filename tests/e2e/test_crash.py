@@ -21,13 +21,13 @@ from typing import Any
 
 import grpc
 
-from broker.auth import issue_token
-from broker.client import BrokerClient, BrokerRpcError
-from broker.store import TERMINAL
+from broker.sdk.client import BrokerClient, BrokerRpcError
+from broker.sdk.vehicle import VehicleAgent
+from broker.security.auth import issue_token
+from broker.storage.lmdb_store import TERMINAL
+from broker.testing import BrokerProcess
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
-from broker.vehicle import VehicleAgent
-from loadtests.broker_process import BrokerProcess
 from tests.conftest import SECRET
 
 # -- helpers ------------------------------------------------------------------------------------

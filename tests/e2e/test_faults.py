@@ -17,13 +17,14 @@ from typing import Any
 import grpc
 import pytest
 
-from broker import clock
-from broker.auth import issue_token
-from broker.client import BrokerClient, BrokerRpcError
 from broker.config import DEFAULT_COMMANDS, CommandPolicy
-from broker.errors import StoreUnavailable, pushback_ms
+from broker.core import clock
+from broker.core.errors import StoreUnavailable
+from broker.sdk.client import BrokerClient, BrokerRpcError
+from broker.security.auth import issue_token
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
+from broker.wire import pushback_ms
 from tests.conftest import SECRET, Running, eventually
 
 #: unlock with a 3 s result timeout, so a stale deadline would show within the test

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from broker.client import BrokerClient, BrokerRpcError
+from broker.sdk.client import BrokerClient, BrokerRpcError
 from broker.v1 import types_pb2 as t
 from tests.conftest import Running
 

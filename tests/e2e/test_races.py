@@ -9,12 +9,12 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.client import BrokerRpcError, build_request
-from broker.clock import now_ms
-from broker.store import NewCommand
+from broker.core.clock import now_ms
+from broker.sdk.client import BrokerRpcError, build_request
+from broker.sdk.vehicle import VehicleAgent
+from broker.storage.lmdb_store import NewCommand
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
-from broker.vehicle import VehicleAgent
 from tests.conftest import Running
 
 

@@ -9,10 +9,10 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from broker.auth import issue_token
-from broker.client import BrokerClient
+from broker.sdk.client import BrokerClient
+from broker.security.auth import issue_token
+from broker.testing import BrokerProcess
 from broker.v1 import types_pb2 as t
-from loadtests.broker_process import BrokerProcess
 from tests.conftest import SECRET, eventually
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

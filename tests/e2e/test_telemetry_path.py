@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from broker.clock import now_ms
+from broker.core.clock import now_ms
+from broker.sdk.vehicle import VehicleAgent, signals
 from broker.v1 import types_pb2 as t
-from broker.vehicle import VehicleAgent, signals
 
 
 async def _ok(payload: bytes) -> bool:

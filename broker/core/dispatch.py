@@ -17,12 +17,12 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.clock import now_ms
 from broker.config import Config
-from broker.errors import BrokerError, Unavailable, retry_hint_ms
-from broker.events import EventHub
-from broker.sessions import Session, SessionRegistry
-from broker.store import TERMINAL, Created, NewCommand, NotCommittedInTime, Store
+from broker.core.clock import now_ms
+from broker.core.errors import BrokerError, Unavailable, retry_hint_ms
+from broker.core.events import EventHub
+from broker.core.sessions import Session, SessionRegistry
+from broker.storage.lmdb_store import TERMINAL, Created, NewCommand, NotCommittedInTime, Store
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 

@@ -1,22 +1,12 @@
-"""One root error; each subclass maps to exactly one gRPC status (here, and only here)."""
+"""One root error; each subclass names exactly one gRPC status code (here, and only here).
+
+The code is the status's name, so the domain raising these needs no grpc: the gRPC
+adapters turn it into `grpc.StatusCode[code]` (broker/api/handlers.py).
+"""
 
 from __future__ import annotations
 
 import random
-from typing import Any
-
-import grpc
-
-#: trailer carrying a refusal's retry hint, in milliseconds (gRPC's own retry convention)
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
-
-
-def pushback_ms(trailing_metadata: Any) -> int | None:
-    """The broker's retry hint from a failed call's trailers, if it sent one."""
-    for key, value in trailing_metadata or ():
-        if key == PUSHBACK_KEY and str(value).isdigit():
-            return int(value)
-    return None
 
 
 def retry_hint_ms(low_s: float = 1.0, high_s: float = 3.0) -> int:
@@ -27,7 +17,8 @@ def retry_hint_ms(low_s: float = 1.0, high_s: float = 3.0) -> int:
 class BrokerError(Exception):
     """Root of every error the broker raises on purpose."""
 
-    status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: the gRPC status code's name (grpc.StatusCode member)
+    code: str = "INTERNAL"
 
     def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
@@ -44,37 +35,37 @@ class CallerError(BrokerError):
 
 
 class InvalidArgument(CallerError):
-    status = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
 
 class NotFound(CallerError):
-    status = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class Conflict(CallerError):
     """An idempotency key reused for a different request."""
 
-    status = grpc.StatusCode.ALREADY_EXISTS
+    code = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(CallerError):
     """The command is in a state that does not allow this (e.g. cancel after delivery)."""
 
-    status = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class Unauthenticated(CallerError):
-    status = grpc.StatusCode.UNAUTHENTICATED
+    code = "UNAUTHENTICATED"
 
 
 class PermissionDenied(CallerError):
-    status = grpc.StatusCode.PERMISSION_DENIED
+    code = "PERMISSION_DENIED"
 
 
 class QuotaExceeded(CallerError):
     """The caller's own quota is spent."""
 
-    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 # Server conditions ------------------------------------------------------------
@@ -87,7 +78,7 @@ class ServerError(BrokerError):
 class Unavailable(ServerError):
     """Retryable: the store cannot write, the broker is shutting down, or it is overloaded."""
 
-    status = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
 
 
 class StoreUnavailable(Unavailable):
@@ -97,10 +88,10 @@ class StoreUnavailable(Unavailable):
 class DeadlineExceeded(ServerError):
     """The caller's deadline leaves no time to do this; nothing was done."""
 
-    status = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"
 
 
 class Replaced(ServerError):
     """A vehicle stream was replaced by a newer connection for the same car."""
 
-    status = grpc.StatusCode.ABORTED
+    code = "ABORTED"

@@ -31,15 +31,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from broker.config import LANES
-from broker.errors import pushback_ms
+from broker.core import lanes
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
+from broker.wire import pushback_ms
 
 T = TypeVar("T")
 DEFAULT_TARGET = "127.0.0.1:50051"
 WAIT_MODES = {"none": svc.WAIT_NONE, "delivered": svc.WAIT_DELIVERED, "result": svc.WAIT_RESULT}
-LANE_NAMES = LANES  # lane name -> Lane value
 
 
 class BrokerRpcError(Exception):
@@ -285,13 +284,13 @@ def build_request(
         payload = json.dumps(payload, separators=(",", ":")).encode()
     if wait not in WAIT_MODES:
         raise ValueError(f"wait must be one of {sorted(WAIT_MODES)}")
-    if lane is not None and lane not in LANE_NAMES:
-        raise ValueError(f"lane must be one of {sorted(LANE_NAMES)}")
+    if lane is not None and lane not in lanes.VALUES:
+        raise ValueError(f"lane must be one of {sorted(lanes.VALUES)}")
     return svc.SendCommandRequest(
         vehicle_id=vehicle_id,
         name=name,
         payload=payload or b"",
-        lane=LANE_NAMES[lane] if lane else t.LANE_UNSPECIFIED,  # type: ignore[arg-type]
+        lane=lanes.VALUES[lane] if lane else t.LANE_UNSPECIFIED,  # type: ignore[arg-type]
         ttl_ms=_whole_ms(ttl_s),
         idempotency_key=idempotency_key,
         coalesce_key=coalesce_key,

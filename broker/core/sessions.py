@@ -8,7 +8,7 @@ import random
 import time
 from typing import Any
 
-from broker.errors import BrokerError, Replaced, Unavailable
+from broker.core.errors import BrokerError, Replaced, Unavailable
 
 #: Put in a session's outbox to end its stream.
 CLOSE = object()

@@ -32,11 +32,10 @@ from typing import Any
 
 import grpc
 
-from broker.auth import VEHICLE_ID_HEADER
-from broker.clock import now_ms, steady_ns
-from broker.errors import pushback_ms
+from broker.core.clock import now_ms, steady_ns
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
+from broker.wire import VEHICLE_ID_HEADER, pushback_ms
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,8 @@ from typing import Any
 
 import grpc
 
-from broker.auth import issue_token
-from broker.clock import now_ms
-from broker.vehicle import (
+from broker.core.clock import now_ms
+from broker.sdk.vehicle import (
     Handler,
     HandlerResult,
     SignalValue,
@@ -19,6 +18,7 @@ from broker.vehicle import (
     car_channel_options,
     signals,
 )
+from broker.security.auth import issue_token
 
 CARS_PER_CHANNEL = 500
 

@@ -18,13 +18,11 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from broker.admission import Admission, Overloaded
-from broker.auth import VEHICLE_ID_HEADER, Authenticator, Principal
-from broker.clock import now_ms
 from broker.config import Config
-from broker.dispatch import Dispatcher
-from broker.errors import (
-    PUSHBACK_KEY,
+from broker.core.admission import Admission, Overloaded
+from broker.core.clock import now_ms
+from broker.core.dispatch import Dispatcher
+from broker.core.errors import (
     BrokerError,
     DeadlineExceeded,
     InvalidArgument,
@@ -34,14 +32,16 @@ from broker.errors import (
     Unavailable,
     retry_hint_ms,
 )
-from broker.events import EventHub
-from broker.sessions import CLOSE, Session, StreamGate
-from broker.state import VehicleStates, check_signals
-from broker.store import TERMINAL, NewCommand, Store
-from broker.telemetry import TelemetryGuard, TelemetryPolicyValues, Verdict
+from broker.core.events import EventHub
+from broker.core.sessions import CLOSE, Session, StreamGate
+from broker.core.state import VehicleStates, check_signals
+from broker.core.telemetry import TelemetryGuard, TelemetryPolicyValues, Verdict
+from broker.security.auth import Authenticator, Principal
+from broker.storage.lmdb_store import TERMINAL, NewCommand, Store
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
+from broker.wire import PUSHBACK_KEY, VEHICLE_ID_HEADER
 
 logger = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -325,7 +325,7 @@ class Servicer:
                     take_quota(item.vehicle_id)
                 valid.append((slot, item))
             except BrokerError as exc:
-                slot.error.code = exc.status.name
+                slot.error.code = exc.code
                 slot.error.message = exc.message
         if not valid:
             return response
@@ -334,7 +334,7 @@ class Servicer:
             results = await self._dispatcher.submit([item for _, item in valid])
         for (slot, _), result in zip(valid, results, strict=True):
             if isinstance(result, BrokerError):
-                slot.error.code = result.status.name
+                slot.error.code = result.code
                 slot.error.message = result.message
             else:
                 accepted = slot.accepted
@@ -577,7 +577,7 @@ async def _abort(context: Context, error: BrokerError) -> None:
     """End the call with the error's status; a retry hint travels as the pushback trailer."""
     if error.retry_after_ms is not None:
         context.set_trailing_metadata(((PUSHBACK_KEY, str(error.retry_after_ms)),))
-    await context.abort(error.status, error.message)
+    await context.abort(grpc.StatusCode[error.code], error.message)
 
 
 def _serialize(message: Any) -> bytes:

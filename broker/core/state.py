@@ -15,9 +15,9 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from broker.errors import BrokerError, InvalidArgument
-from broker.sessions import SessionRegistry
-from broker.store import Store
+from broker.core.errors import BrokerError, InvalidArgument
+from broker.core.sessions import SessionRegistry
+from broker.storage.lmdb_store import Store
 from broker.v1 import command_service_pb2 as svc
 
 logger = logging.getLogger(__name__)

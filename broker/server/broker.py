@@ -14,20 +14,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from broker import clock
-from broker.admission import Admission, Gradient2Limit
-from broker.auth import Authenticator
-from broker.clock import now_ms
+from broker.api.service import Servicer, telemetry_control
 from broker.config import Config
-from broker.dispatch import Dispatcher
-from broker.errors import BrokerError, Unavailable
-from broker.events import EventHub
-from broker.metrics import serve_metrics
-from broker.service import Servicer, telemetry_control
-from broker.sessions import SessionRegistry, StreamGate
-from broker.state import FLUSH_SLICE, VehicleStates
-from broker.store import Store
-from broker.telemetry import TelemetryGuard
+from broker.core import clock
+from broker.core.admission import Admission, Gradient2Limit
+from broker.core.clock import now_ms
+from broker.core.dispatch import Dispatcher
+from broker.core.errors import BrokerError, Unavailable
+from broker.core.events import EventHub
+from broker.core.sessions import SessionRegistry, StreamGate
+from broker.core.state import FLUSH_SLICE, VehicleStates
+from broker.core.telemetry import TelemetryGuard
+from broker.security.auth import Authenticator
+from broker.server.metrics import serve_metrics
+from broker.storage.lmdb_store import Store
 from broker.v1 import command_service_pb2, vehicle_link_pb2
 from broker.v1 import vehicle_link_pb2 as link
 
@@ -57,7 +57,7 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
         ("grpc.max_concurrent_streams", 1_000_000),
         # A car's link that dies without a FIN is found by our pings within 30 s (in C,
         # next to nothing per car; the heartbeat check covers what pings cannot see,
-        # a proxy in between). Cars ping every 10 s (broker.vehicle.car_channel_options):
+        # a proxy in between). Cars ping every 10 s (broker.sdk.vehicle.car_channel_options):
         # allow that with room for timer jitter, or grpc answers GOAWAY too_many_pings.
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -125,7 +125,7 @@ class Broker:
             # (a larger gen0 threshold, 2000, made each young collection a 5-8 ms stall).
             gc.set_threshold(700, 10, GC_FULL_EVERY)
         # Broker time goes on from the store's reference, never behind what it holds,
-        # even if the wall clock was set back while the broker was down (broker/clock.py).
+        # even if the wall clock was set back while the broker was down (broker/core/clock.py).
         clock.current().resume(*self.store.clock_reference)
         self.store.start(asyncio.get_running_loop())
         recovered = await self.dispatcher.recover()

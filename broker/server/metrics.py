@@ -14,17 +14,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from broker import clock
+from broker.core import clock, lanes
 from broker.v1 import types_pb2 as t
 
 if TYPE_CHECKING:
-    from broker.server import Broker
+    from broker.server.broker import Broker
 
 logger = logging.getLogger(__name__)
-
-
-def _lane(lane: int) -> str:
-    return t.Lane.Name(lane).lower()
 
 
 class BrokerCollector(Collector):
@@ -81,7 +77,7 @@ class BrokerCollector(Collector):
             ("quota_refused", admission.quota_refused),
         ):
             for lane, count in by_lane.items():
-                work.add_metric([_lane(lane), decision], count)
+                work.add_metric([lanes.name(lane), decision], count)
         yield work
         yield GaugeMetricFamily(
             "broker_admission_limit", "Current adaptive in-flight limit", value=admission.limit
@@ -97,7 +93,7 @@ class BrokerCollector(Collector):
         ):
             gauge = GaugeMetricFamily(name, helptext, labels=["lane"])
             for lane, value in values.items():
-                gauge.add_metric([_lane(lane)], value)
+                gauge.add_metric([lanes.name(lane)], value)
             yield gauge
         counters = broker.telemetry.counters
         for unit in ("msgs", "bytes"):

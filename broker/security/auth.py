@@ -16,10 +16,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from broker.errors import PermissionDenied, Unauthenticated
+from broker.core.errors import PermissionDenied, Unauthenticated
+from broker.wire import VEHICLE_ID_HEADER
 
 SCOPES = frozenset({"send", "read", "admin"})
-VEHICLE_ID_HEADER = "x-vehicle-id"
 _PREFIX = "v1"
 
 

@@ -25,7 +25,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import lmdb
 
-from broker.errors import BrokerError, InvalidArgument, StoreUnavailable, retry_hint_ms
+from broker.core.errors import BrokerError, InvalidArgument, StoreUnavailable, retry_hint_ms
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

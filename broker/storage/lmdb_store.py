@@ -1,7 +1,7 @@
 """The durable command store on LMDB: the whole command lifecycle, crash-safe.
 
 Every operation here runs inside a write transaction on the writer thread (see
-`broker/writer.py`) and returns only after its group is committed — fsynced in the
+`broker/storage/writer.py`) and returns only after its group is committed — fsynced in the
 default durability mode — so "accepted" always means "on disk".
 
 Databases (all keys sort bytewise):
@@ -18,7 +18,7 @@ Databases (all keys sort bytewise):
 - `states`     vehicle_id -> VehicleState (last known fields)
 - `meta`       b"seq" -> last sequence number; b"schema" -> layout version;
                b"clock" -> the highest broker time written, the boot-time clock then
-               and the boot's id (a restart resumes from it: see broker/clock.py)
+               and the boot's id (a restart resumes from it: see broker/core/clock.py)
 
 Each command has exactly one timer, derived from its record (`_timer_at`): its expiry
 while it waits in the queue (never sent, or sent and then re-queued because its car went
@@ -49,9 +49,9 @@ from typing import IO, Any, NamedTuple
 
 import lmdb
 
-from broker import clock
-from broker.clock import BOOT_ID
-from broker.errors import (
+from broker.core import clock
+from broker.core.clock import BOOT_ID
+from broker.core.errors import (
     BrokerError,
     Conflict,
     FailedPrecondition,
@@ -59,9 +59,9 @@ from broker.errors import (
     StoreUnavailable,
     retry_hint_ms,
 )
+from broker.storage.writer import Writer
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
-from broker.writer import Writer
 from broker_ext import codec
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
-from broker.errors import BrokerError, QuotaExceeded, Unavailable, retry_hint_ms
+from broker.core.errors import BrokerError, QuotaExceeded, Unavailable, retry_hint_ms
 
 Predicate = Callable[[Any], bool]
 

@@ -32,23 +32,14 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
-from broker.errors import QuotaExceeded, Unavailable
-from broker.v1 import types_pb2
+from broker.core import lanes
+from broker.core.errors import QuotaExceeded, Unavailable
+from broker.core.lanes import CRITICAL, Lane
 
 logger = logging.getLogger(__name__)
-
-CRITICAL: int = types_pb2.CRITICAL
-INTERACTIVE: int = types_pb2.INTERACTIVE
-BULK: int = types_pb2.BULK
-LANE_NAMES: Mapping[int, str] = MappingProxyType(
-    {CRITICAL: "critical", INTERACTIVE: "interactive", BULK: "bulk"}
-)
-#: Lanes that can wait (and so be shed), in the order capacity is offered to them.
-QUEUED_LANES = (INTERACTIVE, BULK)
 
 #: Shorter service times than this are timer noise, not a measurement (as Netflix's
 #: WindowedLimit `minRttThreshold`).
@@ -268,9 +259,7 @@ class Admission:
         self,
         limiter: Gradient2Limit | None = None,
         *,
-        critical_reserve: float = 0.1,
-        interactive_share: float = 0.7,
-        bulk_borrow_ceiling: float = 0.8,
+        lane_table: Sequence[Lane] = lanes.LANE_TABLE,
         codel_target_s: float = 0.005,
         codel_interval_s: float = 0.1,
         critical_per_minute: float = 10.0,
@@ -278,18 +267,23 @@ class Admission:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        fractions = (critical_reserve, interactive_share, bulk_borrow_ceiling)
-        if not all(0 <= value <= 1 for value in fractions):
-            raise ValueError("critical_reserve, interactive_share, bulk_borrow_ceiling: 0..1")
+        if not all(0 <= lane.share <= 1 and 0 < lane.borrow_ceiling <= 1 for lane in lane_table):
+            raise ValueError("lane shares must be in 0..1 and borrow ceilings in (0, 1]")
+        queued_lanes = [lane for lane in lane_table if lane.queued]
+        if not queued_lanes or abs(sum(lane.share for lane in queued_lanes) - 1) > 1e-9:
+            raise ValueError("the queued lanes' shares must add up to 1 (of the pool)")
         if not 0 < codel_target_s < codel_interval_s:
             raise ValueError("need 0 < codel_target_s < codel_interval_s")
         if critical_per_minute <= 0 or critical_burst < 1:
             raise ValueError("critical_per_minute must be positive and critical_burst >= 1")
         #: the adaptive limit; `limiter.limit` is the current limit on in-flight work
         self.limiter = limiter if limiter is not None else Gradient2Limit()
-        self.critical_reserve = critical_reserve
-        self.interactive_share = interactive_share
-        self.bulk_borrow_ceiling = bulk_borrow_ceiling
+        #: lanes that never wait (their share is reserved), and those that queue, in the
+        #: order capacity is offered to them
+        self.reserved_lanes = tuple(lane for lane in lane_table if not lane.queued)
+        self.queued_lanes = tuple(queued_lanes)
+        self._reserve_share = sum(lane.share for lane in self.reserved_lanes)
+        names = {lane.value: lane.name for lane in lane_table}
         self.codel_target_s = codel_target_s
         self.codel_interval_s = codel_interval_s
         self.critical_burst = critical_burst
@@ -298,15 +292,16 @@ class Admission:
         self._rng = rng if rng is not None else random.Random()
         # Per-lane observable state, read by the metrics collector. For every lane:
         # offered == admitted + shed + cancelled + queued (quota refusals are not offered).
-        self.in_flight: dict[int, int] = dict.fromkeys(LANE_NAMES, 0)
-        self.offered: dict[int, int] = dict.fromkeys(LANE_NAMES, 0)
-        self.admitted: dict[int, int] = dict.fromkeys(LANE_NAMES, 0)
-        self.shed: dict[int, int] = dict.fromkeys(LANE_NAMES, 0)
-        self.cancelled: dict[int, int] = dict.fromkeys(LANE_NAMES, 0)
-        self.quota_refused: dict[int, int] = dict.fromkeys(LANE_NAMES, 0)
+        self.in_flight: dict[int, int] = dict.fromkeys(names, 0)
+        self.offered: dict[int, int] = dict.fromkeys(names, 0)
+        self.admitted: dict[int, int] = dict.fromkeys(names, 0)
+        self.shed: dict[int, int] = dict.fromkeys(names, 0)
+        self.cancelled: dict[int, int] = dict.fromkeys(names, 0)
+        self.quota_refused: dict[int, int] = dict.fromkeys(names, 0)
         #: how long the last unit admitted or shed in each lane had waited
-        self.queue_delay_s: dict[int, float] = dict.fromkeys(LANE_NAMES, 0.0)
-        self._lanes = {lane: _Lane() for lane in QUEUED_LANES}
+        self.queue_delay_s: dict[int, float] = dict.fromkeys(names, 0.0)
+        self._lanes = {lane.value: _Lane() for lane in self.queued_lanes}
+        self._names = names
         # vehicle_id -> (tokens, updated_at); insertion order is update order
         self._buckets: dict[str, tuple[float, float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -327,7 +322,7 @@ class Admission:
 
     @property
     def queued(self) -> dict[int, int]:
-        counts = dict.fromkeys(LANE_NAMES, 0)
+        counts = dict.fromkeys(self._names, 0)
         for lane, state in self._lanes.items():
             counts[lane] = sum(1 for waiter in state.waiters if not waiter.future.done())
         return counts
@@ -341,7 +336,7 @@ class Admission:
         it first takes a token from that car's critical quota. `vehicle_id` is not used
         for the other lanes. Raises `Overloaded` or `VehicleQuotaExceeded`.
         """
-        if lane not in LANE_NAMES:
+        if lane not in self._names:
             raise ValueError(f"unknown lane {lane}")
         if self._closed:
             raise Unavailable("the broker is shutting down")
@@ -349,7 +344,7 @@ class Admission:
             self.take_critical_quota(vehicle_id)
         now = self._clock()
         self.offered[lane] += 1
-        if lane == CRITICAL:
+        if lane not in self._lanes:  # a reserved lane: never waits
             return self._admit(lane, now, now)
         self._evaluate_queues(now)
         state = self._lanes[lane]
@@ -433,42 +428,50 @@ class Admission:
             self.limiter.observe(now - ticket.admitted_at, ticket.in_flight_at_admit, now)
         self._dispatch(now)
 
-    def _partition(self) -> tuple[int, int, int, int]:
-        """(pool, used, interactive share, bulk ceiling) under the current limit.
+    def _partition(self) -> tuple[int, int, dict[int, int], dict[int, int]]:
+        """(pool, used, share by queued lane, borrow ceiling by queued lane) under the
+        current limit.
 
-        `reserve` slots are held for critical work; critical use above the reserve eats the
-        pool that interactive and bulk share. Bulk's share is whatever interactive's leaves,
-        at least one slot (unless the pool is a single slot), so bulk is never starved.
+        The reserved lanes' share of the limit is held for them; their use above it eats
+        the pool the queued lanes share. Each queued lane gets its share of the pool (in
+        table order, each leaving at least one slot to every lane after it); the last
+        takes what is left, so no lane is ever starved while the pool has two slots.
         """
         limit = self.limiter.limit
-        reserve = math.ceil(limit * self.critical_reserve)
+        in_flight = self.in_flight
+        reserve = math.ceil(limit * self._reserve_share)
         pool = max(1, limit - reserve)
-        used = (
-            self.in_flight[INTERACTIVE]
-            + self.in_flight[BULK]
-            + max(0, self.in_flight[CRITICAL] - reserve)
-        )
-        interactive_share = math.floor(pool * self.interactive_share + 0.5)
-        if pool > 1:
-            interactive_share = min(pool - 1, interactive_share)
-        bulk_ceiling = max(1, math.floor(pool * self.bulk_borrow_ceiling))
-        return pool, used, interactive_share, bulk_ceiling
+        reserved_use = sum(in_flight[lane.value] for lane in self.reserved_lanes)
+        used = sum(in_flight[lane] for lane in self._lanes) + max(0, reserved_use - reserve)
+        shares: dict[int, int] = {}
+        ceilings: dict[int, int] = {}
+        left = pool
+        last = len(self.queued_lanes) - 1
+        for index, lane in enumerate(self.queued_lanes):
+            if index == last:
+                share = left
+            else:
+                share = math.floor(pool * lane.share + 0.5)
+                if pool > 1:
+                    share = min(left - (last - index), share)
+                share = max(0, share)
+            shares[lane.value] = share
+            left -= share
+            ceilings[lane.value] = max(1, math.floor(pool * lane.borrow_ceiling))
+        return pool, used, shares, ceilings
 
     def _has_room(self, lane: int, *, within_share_only: bool = False) -> bool:
-        pool, used, interactive_share, bulk_ceiling = self._partition()
+        pool, used, shares, ceilings = self._partition()
         if used >= pool:
             return False
-        if lane == INTERACTIVE:
-            return not within_share_only or self.in_flight[INTERACTIVE] < interactive_share
-        within_share = self.in_flight[BULK] < pool - interactive_share
-        return within_share or (not within_share_only and used < bulk_ceiling)
+        within_share = self.in_flight[lane] < shares[lane]
+        return within_share or (not within_share_only and used < ceilings[lane])
 
     def _next_lane(self) -> int | None:
         """The lane whose head waiter gets the next free slot: each lane's share first
         (interactive, then bulk), then borrowing (interactive, then bulk)."""
         for within_share_only in (True, False):
-            for lane in QUEUED_LANES:
-                state = self._lanes[lane]
+            for lane, state in self._lanes.items():
                 if self._head(state) and self._has_room(lane, within_share_only=within_share_only):
                     return lane
         return None
@@ -491,7 +494,7 @@ class Admission:
         return waiters[0] if waiters else None
 
     def _evaluate_queues(self, now: float) -> None:
-        for lane in reversed(QUEUED_LANES):  # bulk first
+        for lane in reversed(self._lanes):  # lowest first
             self._codel(lane, now)
 
     def _codel(self, lane: int, now: float) -> None:
@@ -549,12 +552,12 @@ class Admission:
         if now - self._last_shed_at >= SHED_LOG_QUIET_S:
             logger.warning(
                 "admission: shedding %s work (waited %.0f ms, target %.0f ms, limit %d)",
-                LANE_NAMES[lane], waited_s * 1000, self.codel_target_s * 1000, self.limit,
+                self._names[lane], waited_s * 1000, self.codel_target_s * 1000, self.limit,
             )  # fmt: skip
         self._last_shed_at = now
         waiter.future.set_exception(
             Overloaded(
-                f"the broker is overloaded: {LANE_NAMES[lane]} work waited "
+                f"the broker is overloaded: {self._names[lane]} work waited "
                 f"{waited_s * 1000:.0f} ms for capacity; retry in about {retry_after_ms} ms",
                 retry_after_ms=retry_after_ms,
             )

@@ -1,0 +1,1 @@
+"""The gRPC adapters: request -> domain call -> response, errors mapped in one place."""
