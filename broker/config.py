@@ -120,7 +120,7 @@ class Config:
     #: how long the drain may take: calls still running then are cut
     grace_s: float = 5
     #: move long-lived objects out of the cyclic GC's sight this often (0: never); see
-    #: Broker._flush_state for the measured reason
+    #: StateFlush.run (broker/server/loops.py) for the measured reason
     gc_freeze_interval_s: float = 10
     log_format: str = "text"
     commands: Mapping[str, CommandPolicy] = field(default_factory=lambda: DEFAULT_COMMANDS)

@@ -1,5 +1,5 @@
 """`python -m broker.cli serve` as a child process: the one helper of the load tools and
-the end-to-end tests.
+the end-to-end tests (and `stop_process`, how both end the children they start).
 
 Synchronous at its core (`start`, `stop` and `kill` return once done), so pytest fixtures
 use it as is; asyncio callers use `astart`, `astop`, `akill` or `async with`, which run
@@ -62,6 +62,25 @@ def memory_mb(pid: int) -> dict[str, float]:
     kb = status_kb(pid)
     names = (("VmHWM", "peak_rss_mb"), ("RssAnon", "anon_mb"), ("RssFile", "file_mb"))
     return {name: round(kb[field] / 1024, 1) for field, name in names if field in kb}
+
+
+def stop_process(proc: subprocess.Popen[Any], grace_s: float) -> float:
+    """End a child process this process started: SIGTERM, up to `grace_s` for it to exit,
+    then SIGKILL; reaped either way. Returns the seconds it took; a no-op once it has ended.
+
+    Only through its `Popen`, which signals a PID only while it has not reaped that child,
+    so a PID the system has since given to another process is never signalled.
+    """
+    if proc.poll() is not None:
+        return 0.0
+    started = time.perf_counter()
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return time.perf_counter() - started
 
 
 class BrokerProcess:
@@ -173,14 +192,7 @@ class BrokerProcess:
             return
         assert self._proc is not None
         self.memory_mb = memory_mb(self._proc.pid)
-        started = time.perf_counter()
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self.shutdown_s = round(time.perf_counter() - started, 3)
+        self.shutdown_s = round(stop_process(self._proc, timeout_s), 3)
 
     # -- for asyncio callers: the same, waited for on a worker thread --
 

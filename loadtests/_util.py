@@ -1,35 +1,25 @@
-"""Helpers for the load tools: child processes, the simulated-car process, CPU accounting,
-percentiles.
+"""Helpers for the load tools: broker settings, percentiles, CPU accounting, child
+processes talked to by lines, and simulated cars held in this process.
 
-Also the entry point of the simulated-car process the bench starts:
-
-    python -m loadtests._util cars --target 127.0.0.1:PORT --cars 100
-
-connects that many `VehicleAgent`s (each executes `unlock`/`lock` at once and succeeds),
-prints `cars ready N` when all are connected, and runs until its stdin closes (or
-SIGTERM); it then prints one JSON line with what the cars did and exits.
+The simulated-car process is `loadtests.cars`; brokers are `broker.testing.BrokerProcess`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import math
 import os
-import re
-import signal
+import subprocess
 import sys
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from broker.testing import LOOPBACK, PROJECT_ROOT
+from broker.testing import PROJECT_ROOT, stop_process
 
-CARS_READY = "cars ready"
 #: The bench measures the command path's speed, not the per-car critical quota (which
 #: would refuse a car its 11th unlock in a minute) nor the stream gate.
 UNTHROTTLED = {
@@ -150,78 +140,125 @@ class Window:
 # -- child processes ------------------------------------------------------------------------
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path | None, lines: int = 20) -> str:
+    if path is None:
+        return "(its stderr is this process's)"
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
 
 
-async def _end_process(proc: asyncio.subprocess.Process, timeout_s: float) -> float:
-    """SIGTERM, wait up to `timeout_s`, then SIGKILL; returns the seconds it took."""
-    started = time.perf_counter()
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), timeout_s)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    return time.perf_counter() - started
-
-
 class ChildProcess:
-    """`python -m MODULE ARGS` talked to by lines: it prints a ready line, takes commands on
-    stdin, answers on stdout, and ends when its stdin closes (SIGTERM, then SIGKILL, if it
-    lingers). Its stderr goes to `log_path`."""
+    """`python -m MODULE ARGS` talked to by lines: it takes commands on stdin, answers on
+    stdout, and ends when its stdin closes (`stop` ends it with `stop_process` if it
+    lingers). Its stderr goes to `log_path` (None: to this process's stderr).
 
-    def __init__(self, argv: Sequence[str], log_path: Path) -> None:
+    Its stdout is read as it comes: each line goes to `on_line` if given, else it waits
+    for `read_line`. `prefix` runs it elsewhere (e.g. `ip netns exec NS`); `env` is its
+    whole environment (default: this process's).
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        log_path: Path | None,
+        *,
+        prefix: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
         self.argv = list(argv)
         self.log_path = log_path
-        self.proc: asyncio.subprocess.Process | None = None
-        self._log: IO[bytes] | None = None
+        self.prefix = list(prefix)
+        self.env = None if env is None else dict(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._on_line = on_line
+        self._lines: asyncio.Queue[str] = asyncio.Queue()  # "" once its stdout has ended
+        self._reader: asyncio.Task[None] | None = None
+        self._stdout: asyncio.BaseTransport | None = None
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    @property
+    def exit_code(self) -> int | None:
+        """None until it has been started and has ended."""
+        return None if self.proc is None else self.proc.poll()
+
+    @property
+    def reading(self) -> bool:
+        """Started, and its stdout has not ended yet."""
+        return self._reader is not None and not self._reader.done()
+
+    async def spawn(self) -> None:
+        """Start it; its stdout lines are read from now on."""
+        self.proc = await asyncio.to_thread(self._popen)
+        assert self.proc.stdout is not None
+        stdout = asyncio.StreamReader(limit=1 << 26)  # a result line carries every latency sample
+        self._stdout, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stdout), self.proc.stdout
+        )
+        self._reader = asyncio.create_task(self._read(stdout))
+
+    def _popen(self) -> subprocess.Popen[bytes]:
+        with contextlib.ExitStack() as files:
+            log = None  # None: its stderr is ours
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = files.enter_context(self.log_path.open("wb"))
+            return subprocess.Popen(
+                [*self.prefix, sys.executable, "-m", *self.argv],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                cwd=PROJECT_ROOT,
+                env=self.env,
+            )
+
+    async def _read(self, stdout: asyncio.StreamReader) -> None:
+        try:
+            while raw := await stdout.readline():
+                line = raw.decode(errors="replace").strip()
+                if not line:
+                    continue
+                if self._on_line is not None:
+                    self._on_line(line)
+                else:
+                    self._lines.put_nowait(line)
+        finally:
+            self._lines.put_nowait("")
+
     async def start(self, ready: str, timeout_s: float) -> str:
         """Start it and wait for a stdout line beginning with `ready`, which is returned;
         on anything else it is ended and RuntimeError carries its log tail."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("wb")
-        self.proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", *self.argv),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=self._log,
-            cwd=PROJECT_ROOT,
-            limit=1 << 26,  # a result line carries every latency sample
-        )
+        await self.spawn()
         line = await self.read_line(timeout_s)
         if not line.startswith(ready):
             await self.stop()
             raise RuntimeError(
                 f"{self.argv[0]} {self.argv[1]} did not get ready (got {line[:200]!r}); "
-                f"log tail:\n{_tail(self.log_path)}"
+                f"log tail:\n{log_tail(self.log_path)}"
             )
         return line
 
     def send(self, line: str) -> None:
-        if self.proc is not None and self.proc.stdin is not None and self.proc.returncode is None:
-            with contextlib.suppress(OSError, RuntimeError):
-                self.proc.stdin.write(f"{line}\n".encode())
+        proc = self.proc
+        if proc is not None and proc.stdin is not None and proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdin.write(f"{line}\n".encode())
+                proc.stdin.flush()
 
     async def read_line(self, timeout_s: float) -> str:
         """The next stdout line ("" at its end or after `timeout_s`)."""
-        assert self.proc is not None and self.proc.stdout is not None
         try:
-            raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
+            line = await asyncio.wait_for(self._lines.get(), timeout_s)
         except TimeoutError:
             return ""
-        return raw.decode(errors="replace").strip()
+        if not line:
+            self._lines.put_nowait(line)  # the end stays the end for the next reader
+        return line
 
     async def read_json(self, timeout_s: float) -> dict[str, Any]:
         """The next JSON object it prints, within `timeout_s`."""
@@ -231,86 +268,24 @@ class ChildProcess:
                 return dict(json.loads(line))
         raise RuntimeError(
             f"{self.argv[0]} {self.argv[1]} gave no result within {timeout_s:.0f} s; "
-            f"log tail:\n{_tail(self.log_path)}"
+            f"log tail:\n{log_tail(self.log_path)}"
         )
 
-    async def stop(self, timeout_s: float = 15.0) -> list[str]:
-        """Close its stdin, keep what it still prints (returned), end it if it lingers."""
-        proc, lines = self.proc, []
-        if proc is not None and proc.returncode is None:
-            assert proc.stdin is not None and proc.stdout is not None
+    async def stop(self, timeout_s: float = 15.0, grace_s: float = 5.0) -> None:
+        """Close its stdin, wait up to `timeout_s` for it to print the rest and end, then
+        `stop_process` it (SIGTERM, `grace_s`, SIGKILL). A no-op once it has ended."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
-            with contextlib.suppress(TimeoutError, ValueError):
-                rest = await asyncio.wait_for(proc.stdout.read(), timeout_s)
-                lines = rest.decode(errors="replace").splitlines()
-            await _end_process(proc, 5.0)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return lines
-
-
-class CarsProcess:
-    """Simulated cars in their own process (`python -m loadtests._util cars`)."""
-
-    def __init__(
-        self,
-        target: str,
-        count: int,
-        prefix: str,
-        log_path: Path,
-        *,
-        connect_timeout_s: float = 60.0,
-    ) -> None:
-        self.count = count
-        self.prefix = prefix
-        self.log_path = log_path
-        self.connect_timeout_s = connect_timeout_s
-        self.summary: dict[str, Any] = {}
-        self._child = ChildProcess(
-            [
-                *("loadtests._util", "cars", "--target", target, "--cars", str(count)),
-                *("--prefix", prefix, "--connect-timeout", str(connect_timeout_s)),
-            ],
-            log_path,
-        )
-
-    @property
-    def vehicle_ids(self) -> list[str]:
-        return [f"{self.prefix}{i}" for i in range(self.count)]
-
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid
-
-    async def __aenter__(self) -> CarsProcess:
-        await self._child.start(CARS_READY, self.connect_timeout_s + 5)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def stop(self) -> None:
-        """Close stdin (the cars hang up and report), SIGTERM/SIGKILL if they linger."""
-        for line in await self._child.stop():
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    self.summary = json.loads(line)
-
-
-# -- the simulated-car process --------------------------------------------------------------
-
-
-def _describe(error: Any) -> str:
-    """A stream's last error: status, details and grpc core's own words, if any."""
-    text = f"{error.code().name}: {error.details()}"
-    core = re.search(r"grpc_call_error value: '(\w+)'", error.debug_error_string() or "")
-    return f"{text} ({core[1]})" if core else text
-
-
-async def _succeed(payload: bytes) -> bool:
-    return True
+        if self._reader is not None:
+            await asyncio.wait([self._reader], timeout=timeout_s)
+            self._reader.cancel()  # if it waited in vain
+        await asyncio.to_thread(stop_process, proc, grace_s)
+        if self._stdout is not None:
+            self._stdout.close()
 
 
 async def stdin_reader() -> asyncio.StreamReader:
@@ -321,58 +296,7 @@ async def stdin_reader() -> asyncio.StreamReader:
     return reader
 
 
-async def _stdin_closed() -> None:
-    reader = await stdin_reader()
-    while await reader.read(65536):
-        pass
-
-
-async def run_cars(target: str, count: int, prefix: str, connect_timeout_s: float) -> None:
-    """Hold `count` vehicle streams that execute unlock/lock at once, until stdin closes."""
-
-    from broker.sdk.simulator import shared_channels
-    from broker.sdk.vehicle import VehicleAgent
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    channels = shared_channels(target, count, CARS_PER_CHANNEL)
-    agents: list[VehicleAgent] = []
-    for index in range(count):
-        agents.append(
-            VehicleAgent(
-                target,
-                f"{prefix}{index}",
-                channel=channels[index // CARS_PER_CHANNEL],
-                firmware="bench",
-                handlers={"unlock": _succeed, "lock": _succeed},
-                backoff_base_s=0.05,
-                backoff_cap_s=1.0,
-            )
-        )
-    tasks = [asyncio.create_task(agent.run()) for agent in agents]
-    try:
-        waits = (agent.connected.wait() for agent in agents)
-        await asyncio.wait_for(asyncio.gather(*waits), connect_timeout_s)
-        print(f"{CARS_READY} {count}", flush=True)
-        watcher = asyncio.create_task(_stdin_closed())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        watcher.cancel()
-        stopper.cancel()
-        summary = {
-            "loop": "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
-            "cars": count,
-            "executed": sum(len(agent.executed) for agent in agents),
-            "connects": sum(agent.connects for agent in agents),
-            "still_connected": sum(agent.connected.is_set() for agent in agents),
-            "stream_errors": dict(
-                Counter(_describe(agent.last_error) for agent in agents if agent.last_error)
-            ),
-        }
-        print(json.dumps(summary), flush=True)
-    finally:
-        await stop_agents(agents, tasks, channels)
+# -- simulated cars in this process ----------------------------------------------------------
 
 
 async def stop_agents(
@@ -386,26 +310,3 @@ async def stop_agents(
     await asyncio.gather(*tasks, return_exceptions=True)
     for channel in channels:
         await channel.close()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests._util")
-    sub = parser.add_subparsers(dest="role", required=True)
-    cars = sub.add_parser("cars", help="simulated cars for the bench")
-    cars.add_argument("--target", required=True)
-    cars.add_argument("--cars", type=int, required=True)
-    cars.add_argument("--prefix", default="car-")
-    cars.add_argument("--connect-timeout", type=float, default=60.0)
-    args = parser.parse_args(argv)
-    host = args.target.rpartition(":")[0]
-    if host != LOOPBACK:
-        parser.error(f"the bench only talks to {LOOPBACK}, not {host!r}")
-    from broker.server.broker import install_event_loop_policy
-
-    install_event_loop_policy()
-    asyncio.run(run_cars(args.target, args.cars, args.prefix, args.connect_timeout))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

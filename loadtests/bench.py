@@ -20,7 +20,7 @@ the target, and whether it is met.
 Rows, and how to read them:
 
 1. `streams held` and `KB per connected car`: `--streams` simulated cars
-   (`loadtests._util cars`: VehicleAgents, 250 to an HTTP/2 connection) send Hello and stay
+   (`loadtests.cars`: VehicleAgents, 250 to an HTTP/2 connection) send Hello and stay
    idle on the bare server, then on a broker. KB per car: the server's VmRSS
    (/proc/PID/status) once all are connected and 2 s settled, minus before any, over the
    count. Held: the bare server's count of open streams, the broker's
@@ -87,14 +87,8 @@ from broker.testing import LOOPBACK, BrokerProcess, status_kb
 from broker.v1 import types_pb2 as t
 from broker_ext._compat import extensions_summary
 from loadtests import drills, mosquitto, report
-from loadtests._util import (
-    UNTHROTTLED,
-    WIDE_OPEN,
-    CarsProcess,
-    CpuMeter,
-    Window,
-    hdr_ms,
-)
+from loadtests._util import UNTHROTTLED, WIDE_OPEN, CpuMeter, Window, hdr_ms
+from loadtests.cars import CarsProcess
 from loadtests.ceilings import CeilingServer, drive_clients
 
 T = TypeVar("T")
@@ -103,6 +97,8 @@ ROWS = ("streams", "telemetry", "unary", "batch", "storm", "drain")
 #: Safety cap on batches per measurement, far above what a run can reach (time ends first).
 MAX_CALLS = 5_000_000
 GUARD_OUTCOMES = ("admitted", "coalesced", "sampled_out", "shed")
+#: the bench's cars reconnect within a second (VehicleAgent keyword arguments)
+BENCH_AGENT = {"firmware": "bench", "backoff_base_s": 0.05, "backoff_cap_s": 1.0}
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -287,7 +283,12 @@ async def hold_streams(
     before = status_kb(server_pid)
     started = time.perf_counter()
     cars = CarsProcess(
-        target, args.streams, "idle-", log, connect_timeout_s=max(60.0, args.streams / 200)
+        target,
+        args.streams,
+        "idle-",
+        log,
+        connect_timeout_s=max(60.0, args.streams / 200),
+        agent=BENCH_AGENT,
     )
     async with cars:
         connect_s = time.perf_counter() - started
@@ -455,7 +456,9 @@ async def run_unary_rows(args: argparse.Namespace, workdir: Path, out: dict[str,
         bare = await stack.enter_async_context(CeilingServer(args.out / "ceiling-unary.log"))
         await stack.enter_async_context(broker)
         cars = await stack.enter_async_context(
-            CarsProcess(broker.target, args.cars, "car-", args.out / "cars-unary.log")
+            CarsProcess(
+                broker.target, args.cars, "car-", args.out / "cars-unary.log", agent=BENCH_AGENT
+            )
         )
         parked = ("parked-", args.parked_cars)
         # name: (target, pids whose CPU is read, wait mode, (vehicle id prefix, count))

@@ -35,13 +35,15 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.core.lifecycle import TERMINAL
 from broker.sdk.client import BrokerClient, BrokerRpcError
 from broker.sdk.simulator import SimulatedFleet
-from broker.storage.lmdb_store import TERMINAL
+from broker.sdk.vehicle import car_channel_options
 from broker.testing import LOOPBACK, BrokerProcess
 from broker.v1 import types_pb2 as t
 from loadtests import netns
-from loadtests._util import latency_ms
+from loadtests._util import ChildProcess, latency_ms
+from loadtests.cars import CarsProcess
 
 
 @dataclass
@@ -143,39 +145,31 @@ class SimProcess:
     """`broker vehicle-sim` in its own process, so the cars' CPU is not the drill's."""
 
     def __init__(self, target: str, cars: int, prefix: str, *, rogue: bool) -> None:
-        self.args = [
-            sys.executable, "-m", "broker.cli", "vehicle-sim", "--target", target,
-            "--vehicles", str(cars), "--id-prefix", prefix, "--telemetry-hz", "1",
-            *(["--ignore-policy"] if rogue else []),
-        ]  # fmt: skip
+        self._child = ChildProcess(
+            [
+                "broker.cli", "vehicle-sim", "--target", target, "--vehicles", str(cars),
+                "--id-prefix", prefix, "--telemetry-hz", "1",
+                *(["--ignore-policy"] if rogue else []),
+            ],
+            None,  # its log goes where the drill's does
+        )  # fmt: skip
         self.ids = [f"{prefix}{i}" for i in range(cars)]
-        self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, timeout_s: float = 120) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.args, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
-        )
-        assert self.proc.stdout is not None
+        await self._child.spawn()
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
-            if not line or b"cars connected" in line:
-                break
-        if not line:
-            raise RuntimeError("vehicle-sim exited before its cars connected")
+        while line := await self._child.read_line(max(0.0, deadline - time.monotonic())):
+            if "cars connected" in line:
+                return
+        raise RuntimeError("vehicle-sim exited or timed out before its cars connected")
 
     def storm_up(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGUSR1)
+        assert self._child.proc is not None
+        self._child.proc.send_signal(signal.SIGUSR1)
 
     async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 15)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        """SIGTERM (vehicle-sim does not read its stdin), SIGKILL after 15 s."""
+        await self._child.stop(timeout_s=0, grace_s=15)
 
 
 async def verbosity_storm(
@@ -559,10 +553,18 @@ async def link_loss(
 
         token = issue_token(secret, service="drill", scopes=("send", "read"))
         client = BrokerClient(f"{netns.BROKER_FROM_ROOT}:{broker.port}", token=token)
-        car = await netns.start_car(
-            hosts, f"{netns.BROKER_ADDRESS}:{broker.port}", "cell-car", secret, keepalive_s
+        car = CarsProcess(
+            f"{netns.BROKER_ADDRESS}:{broker.port}",
+            1,
+            "cell-car-",
+            workdir / "car.log",
+            channel_options=car_channel_options(keepalive_s),
+            events=True,
+            secret=secret,
+            run_in=hosts.run_in("car"),
         )
         try:
+            await car.start()
             await _link_loss_phases(verdict, client, car, hosts, down_s, liveness_timeout_s, idle_s)
         finally:
             if hosts.cut_now:
@@ -585,17 +587,18 @@ async def link_loss(
 async def _link_loss_phases(
     verdict: Verdict,
     client: BrokerClient,
-    car: netns.CarEvents,
+    car: CarsProcess,
     hosts: netns.Hosts,
     down_s: float,
     liveness_timeout_s: float,
     idle_s: float,
 ) -> None:
+    vehicle = car.vehicle_ids[0]
     first = await car.wait("connected", 1, 30)
     verdict.check("the car connects through its namespace", first is not None)
     if first is None:
         return
-    before = await client.send_command("cell-car", "unlock", wait="result", timeout_s=10)
+    before = await client.send_command(vehicle, "unlock", wait="result", timeout_s=10)
     verdict.check(
         "an unlock before the cut succeeds", before.command.status == t.SUCCEEDED,
         t.CommandStatus.Name(before.command.status),
@@ -606,7 +609,7 @@ async def _link_loss_phases(
     gone_after_s = None
     while time.monotonic() - cut_at < down_s:
         if gone_after_s is None:
-            state = await client.get_vehicle_state("cell-car")
+            state = await client.get_vehicle_state(vehicle)
             if not state.connected:
                 gone_after_s = time.monotonic() - cut_at
         await asyncio.sleep(0.25)
@@ -619,7 +622,7 @@ async def _link_loss_phases(
     lost = car.of("lost")
     if lost:
         verdict.figures["car noticed the dead link after s"] = round(lost[0]["seen_at"] - cut_at, 1)
-    queued = await client.send_command("cell-car", "unlock", ttl_s=down_s + 120)
+    queued = await client.send_command(vehicle, "unlock", ttl_s=down_s + 120)
     verdict.check(
         "an unlock sent during the cut is queued",
         queued.command.status == t.QUEUED,

@@ -6,7 +6,7 @@
     python -m loadtests.fleet reconnect-storm --cars 10000   # restart under the default gate
 
 Starts a broker subprocess on 127.0.0.1 (fresh LMDB in a temp folder, Prometheus metrics on
-a free port) and P car processes (`python -m loadtests.fleet _cars ...`), each holding N/P
+a free port) and P car processes (`python -m loadtests.cars ...`), each holding N/P
 `VehicleAgent`s multiplexed `--cars-per-channel` to an HTTP/2 connection and opened at
 `--ramp` new streams/s in all (100k opened at once mostly end CANCELLED in grpc core and back
 off). It waits until every car is connected (open rate, memory per car on both sides), then
@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import gc
 import itertools
 import json
 import math
@@ -51,12 +50,13 @@ from typing import Any
 
 from broker.testing import LOOPBACK, PROJECT_ROOT, BrokerProcess, status_kb
 from loadtests._util import UNTHROTTLED, cpu_seconds, hdr_ms
+from loadtests.cars import CarsProcess
 
 SCENARIOS = ("steady", "storm", "crash", "reconnect-storm")
 OUT_DIR = PROJECT_ROOT / "bench-out"
 #: gRPC channel reconnect backoff of the simulated cars (grpc core's defaults are 1 s
 #: initial, 120 s max; a car that saw the broker die would otherwise wait minutes).
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.min_reconnect_backoff_ms", 500),
@@ -64,6 +64,8 @@ CHANNEL_OPTIONS = [
 ]
 #: bytes of one telemetry batch on the wire, generously (3 signals are ~80 bytes)
 BATCH_BYTES = 200
+#: VehicleAgent keyword arguments of the fleet's cars
+FLEET_AGENT = {"firmware": "fleet", "remember_results": 16}
 
 
 #: Put on the broker's PYTHONPATH: logs every full (generation 2) garbage collection and
@@ -91,273 +93,7 @@ gc.callbacks.append(_fleet_gc_probe)
 GC_LINE = re.compile(r"^fleet-gc at=(?P<at>[\d.]+) gen=(?P<gen>\d) ms=(?P<ms>[\d.]+)", re.M)
 
 
-# -- the car process ----------------------------------------------------------------------------
-
-
-async def _succeed(payload: bytes) -> bool:
-    return True
-
-
-async def run_cars(args: argparse.Namespace) -> None:
-    """Hold `args.cars` cars; telemetry at `rate` batches/min per car (stdin `rate X`);
-    a JSON progress line on stdout every `args.report_s`; ends when stdin closes."""
-    import grpc
-
-    from broker.core.clock import now_ms
-    from broker.sdk.vehicle import VehicleAgent, signals
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    rng = random.Random(args.seed)
-    rss_before = status_kb()
-    channels: list[Any] = []
-    agents: list[VehicleAgent] = []
-    for index in range(args.cars):
-        if index % args.cars_per_channel == 0:
-            channels.append(grpc.aio.insecure_channel(args.target, options=CHANNEL_OPTIONS))
-        agents.append(
-            VehicleAgent(
-                args.target,
-                f"{args.prefix}{index}",
-                channel=channels[-1],
-                firmware="fleet",
-                handlers={"unlock": _succeed, "lock": _succeed},
-                remember_results=16,
-            )
-        )
-    rss_agents = status_kb()
-    started = time.monotonic()
-    tasks: list[asyncio.Task[None]] = []
-
-    async def ramp() -> None:
-        """Start the cars at `args.ramp` new streams/s: a burst of them all at once gets
-        CANCELLED by grpc core and the cars back off (seen at 100k cars)."""
-        step = max(1, int(args.ramp / 20)) if args.ramp > 0 else len(agents)
-        for first in range(0, len(agents), step):
-            tasks.extend(asyncio.create_task(a.run()) for a in agents[first : first + step])
-            await asyncio.sleep(0.05)
-        emit("ramped")
-
-    state: dict[str, Any] = {
-        "rate": args.rate,
-        "sent": 0,
-        "held": 0,
-        "failed": 0,
-        "invalid_state": 0,
-    }
-
-    def emit(event: str, **extra: Any) -> None:
-        line = {
-            "event": event,
-            "t": round(time.monotonic() - started, 3),
-            "connected": sum(agent.connected.is_set() for agent in agents),
-            "connects": sum(agent.connects for agent in agents),
-            "executed": sum(len(agent.executed) for agent in agents),
-            "telemetry_sent": state["sent"],
-            "telemetry_held": state["held"],
-            "telemetry_failed": state["failed"],
-            "telemetry_invalid_state": state["invalid_state"],
-            "rss_kb": status_kb(),
-            "cpu_s": round(time.process_time(), 2),
-            **extra,
-        }
-        print(json.dumps(line), flush=True)
-
-    def stragglers() -> list[dict[str, Any]]:
-        """A few cars that are not connected, and what they are doing."""
-        out = []
-        for index, agent in enumerate(agents):
-            if not agent.connected.is_set():
-                error = agent.last_error
-                task = tasks[index] if index < len(tasks) else None
-                ended: Any = False  # or how the run() task ended: the car never reconnects
-                if task is not None and task.done():
-                    ended = "cancelled" if task.cancelled() else repr(task.exception())[:160]
-                out.append(
-                    {
-                        "car": agent.vehicle_id,
-                        "run_task_ended": ended,
-                        "in_call": agent._call is not None,
-                        "write_locked": agent._write_lock.locked(),
-                        "connects": agent.connects,
-                        "tasks": len(agent._tasks),
-                        "last_error": error and f"{error.code().name}: {error.details()}"[:160],
-                    }
-                )
-                if len(out) >= 5:
-                    break
-        return out
-
-    async def reporter() -> None:
-        while True:
-            await asyncio.sleep(args.report_s)
-            # Tens of thousands of agents per process: keep them out of full GC scans, as
-            # the broker does, or a car process stall shows up as command latency.
-            gc.freeze()
-            emit("progress")
-
-    async def one_batch(agent: VehicleAgent) -> None:
-        values = {
-            "lat": round(rng.uniform(47.0, 55.0), 5),
-            "lon": round(rng.uniform(6.0, 15.0), 5),
-            "battery_pct": round(rng.uniform(30, 95), 1),
-        }
-        try:
-            if await agent.send_telemetry(signals(values, now_ms())):
-                state["sent"] += 1
-            else:
-                state["held"] += 1  # the car's policy says wait: coalesced on the car
-        except (ConnectionError, grpc.aio.AioRpcError, grpc.aio.UsageError):
-            state["failed"] += 1
-        except asyncio.InvalidStateError:  # the SDK's write raced the end of the stream
-            state["failed"] += 1
-            state["invalid_state"] += 1
-
-    async def telemetry() -> None:
-        """Each tick, `rate` batches/min per car go to cars picked at random (so each car
-        sends at that mean rate, with jitter)."""
-        tick_s, credit, last = 0.1, 0.0, time.monotonic()
-        pending: set[asyncio.Task[None]] = set()
-        while True:
-            await asyncio.sleep(tick_s)
-            now = time.monotonic()
-            credit += (now - last) * state["rate"] * len(agents) / 60
-            last = now
-            burst, credit = int(credit), credit - int(credit)
-            for _ in range(min(burst, 20_000)):
-                agent = agents[rng.randrange(len(agents))]
-                if agent.connected.is_set() and len(pending) < 20_000:
-                    task = asyncio.create_task(one_batch(agent))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-
-    async def commands() -> None:
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while line := await reader.readline():
-            words = line.decode().split()
-            if words[:1] == ["rate"]:
-                state["rate"] = float(words[1])
-                emit("rate")
-            elif words[:1] == ["report"]:
-                emit("report", stragglers=stragglers())
-        stop.set()
-
-    emit("start", rss_before_kb=rss_before, rss_agents_kb=rss_agents)
-    helpers = [asyncio.create_task(c) for c in (reporter(), telemetry(), commands(), ramp())]
-    try:
-        await stop.wait()
-    finally:
-        emit(
-            "end",
-            stragglers=stragglers(),
-            errors=dict(
-                collections.Counter(
-                    f"{a.last_error.code().name}: {(a.last_error.details() or '')[:80]}"
-                    for a in agents
-                    if a.last_error is not None
-                ).most_common(5)
-            ),
-        )
-        if len(agents) > 2000:  # hanging up 25k streams one by one takes longer than dying
-            sys.stdout.flush()
-            os._exit(0)
-        for helper in helpers:
-            helper.cancel()
-        for agent in agents:
-            agent._stopping = True  # a fast stop for 25k agents at once
-            if agent._call is not None:
-                agent._call.cancel()
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait_for(asyncio.gather(*tasks, *helpers, return_exceptions=True), 10)
-        for channel in channels:
-            await channel.close()
-
-
 # -- the orchestrator ---------------------------------------------------------------------------
-
-
-class CarProcess:
-    """One `_cars` child: its latest progress line, and its stdin for commands."""
-
-    def __init__(self, index: int, count: int, args: argparse.Namespace, target: str) -> None:
-        self.index = index
-        self.count = count
-        self.prefix = f"fleet{index}-"
-        self.cmd = [
-            *(sys.executable, "-m", "loadtests.fleet", "_cars", "--target", target),
-            *("--cars", str(count), "--prefix", self.prefix, "--seed", str(index)),
-            *("--cars-per-channel", str(args.cars_per_channel), "--rate", "0"),
-            *("--ramp", str(args.ramp / args.processes)),
-        ]
-        self.log_path = OUT_DIR / f"fleet-{args.scenario}-cars-{index}.log"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.first: dict[str, Any] = {}
-        self.started_at: float | None = None  # when its cars began to connect
-        self.started = asyncio.Event()
-        self.latest: dict[str, Any] = {}
-        self.last: dict[str, Any] = {}
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def connected(self) -> int:
-        return int(self.latest.get("connected", 0))
-
-    async def start(self) -> None:
-        with self.log_path.open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.cmd,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                cwd=PROJECT_ROOT,
-            )
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            try:
-                report = json.loads(line)
-            except ValueError:
-                continue
-            if report.get("event") == "start":
-                self.first = report
-                self.started_at = time.monotonic()
-                self.started.set()
-            elif report.get("event") == "end":
-                self.last = report
-            self.latest = report
-
-    def send(self, text: str) -> None:
-        if self.proc is not None and self.proc.stdin is not None and self.proc.returncode is None:
-            with contextlib.suppress(OSError, RuntimeError):
-                self.proc.stdin.write(f"{text}\n".encode())
-
-    async def stop(self, timeout_s: float = 20.0) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            if proc.stdin is not None:
-                with contextlib.suppress(OSError, RuntimeError):
-                    proc.stdin.close()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout_s)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if self._reader is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._reader, 5)
 
 
 class Fleet:
@@ -391,7 +127,7 @@ class Fleet:
             args=["--metrics", f"{LOOPBACK}:0"],
             env=env,
         )
-        self.cars: list[CarProcess] = []
+        self.cars: list[CarsProcess] = []
         self.client: Any = None
         self.result: dict[str, Any] = {
             "scenario": scenario,
@@ -426,7 +162,7 @@ class Fleet:
     # -- phases ---------------------------------------------------------------------------------
 
     def connected(self) -> int:
-        return sum(car.connected for car in self.cars)
+        return sum(int(car.latest.get("connected", 0)) for car in self.cars)
 
     async def wait_all_connected(self, timeout_s: float, since: float) -> dict[str, Any]:
         """Poll the broker's stream gauge (and the cars' own count) until all N are held."""
@@ -440,7 +176,7 @@ class Fleet:
             samples.append((time.monotonic() - since, streams))
             if streams >= n and self.connected() >= n:
                 break
-            if any(c.proc is not None and c.proc.returncode is not None for c in self.cars):
+            if any(c.exit_code is not None for c in self.cars):
                 raise RuntimeError("a car process died; see bench-out/fleet-*-cars-*.log")
             await asyncio.sleep(0.5)
         elapsed = time.monotonic() - since
@@ -468,18 +204,29 @@ class Fleet:
         await self.broker.astart()
         await asyncio.sleep(1.0)
         self.result["broker_rss_mb_before"] = self.broker_rss_mb()
-        per = math.ceil(self.args.cars / self.args.processes)
-        counts = [min(per, self.args.cars - i * per) for i in range(self.args.processes)]
+        args = self.args
+        per = math.ceil(args.cars / args.processes)
+        counts = [min(per, args.cars - i * per) for i in range(args.processes)]
         self.cars = [
-            CarProcess(i, count, self.args, self.broker.target)
+            CarsProcess(
+                self.broker.target,
+                count,
+                f"fleet{i}-",
+                OUT_DIR / f"fleet-{args.scenario}-cars-{i}.log",
+                cars_per_channel=args.cars_per_channel,
+                channel_options=CHANNEL_OPTIONS,
+                agent=FLEET_AGENT,
+                ramp_per_s=args.ramp / args.processes,
+                report_s=1.0,
+                seed=i,
+            )
             for i, count in enumerate(counts)
             if count > 0
         ]
         started = time.monotonic()
+        # imports done, agents built: connecting from their `start` line on
         await asyncio.gather(*(car.start() for car in self.cars))
-        starts = asyncio.gather(*(car.started.wait() for car in self.cars))
-        await asyncio.wait_for(starts, 120)  # imports done, agents built: connecting now
-        opening = min((c.started_at for c in self.cars if c.started_at), default=started)
+        opening = min(car.event("start")["seen_at"] for car in self.cars)
         opened = await self.wait_all_connected(self.args.connect_timeout, opening)
         opened["spawn_s"] = round(opening - started, 2)
         self.result["connect"] = opened
@@ -528,7 +275,7 @@ class Fleet:
             if outcome == "SUCCEEDED":
                 latencies.append(elapsed)
 
-        pids = {"broker": self.broker.pid, **{f"cars{c.index}": c.pid for c in self.cars}}
+        pids = {"broker": self.broker.pid, **{f"cars{i}": c.pid for i, c in enumerate(self.cars)}}
         cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
         m0, t0, wall0 = await self.metrics(), time.monotonic(), time.time()
         sent0 = sum(c.latest.get("telemetry_sent", 0) for c in self.cars)
@@ -682,13 +429,14 @@ class Fleet:
         self.result["broker"] = self.broker.describe()
         self.result["broker_log_problems"] = self.broker.log_problems()[-20:]
 
-    def describe_cars(self, car: CarProcess) -> dict[str, Any]:
-        first, latest = car.first, car.last or car.latest
+    def describe_cars(self, car: CarsProcess) -> dict[str, Any]:
+        first, latest = car.event("start"), car.summary or car.latest
         before = first.get("rss_before_kb", {}).get("VmRSS", 0)
         peak = latest.get("rss_kb", {}).get("VmHWM", 0)
+        errors = collections.Counter(latest.get("stream_errors", {}))
         return {
             "cars": car.count,
-            "exit_code": car.proc.returncode if car.proc else None,
+            "exit_code": car.exit_code,
             "rss_mb_before": round(before / 1024, 1),
             "rss_mb_peak": round(peak / 1024, 1),
             "kb_per_car": round((peak - before) / car.count, 1) if car.count and peak else None,
@@ -698,7 +446,7 @@ class Fleet:
             "telemetry_failed": latest.get("telemetry_failed"),
             "telemetry_invalid_state": latest.get("telemetry_invalid_state"),
             "cpu_s": latest.get("cpu_s"),
-            "errors": latest.get("errors"),
+            "errors": dict(errors.most_common(5)),
             "stragglers": latest.get("stragglers"),
         }
 
@@ -786,7 +534,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.fleet")
-    parser.add_argument("scenario", choices=[*SCENARIOS, "_cars"])
+    parser.add_argument("scenario", choices=SCENARIOS)
     parser.add_argument("--cars", type=int, default=1000)
     parser.add_argument("--processes", type=int, default=0, help="default: 1 per 25k cars")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per main phase")
@@ -805,20 +553,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connect-timeout", type=float, default=0.0, help="default: by N")
     parser.add_argument("--time-limit", type=float, default=0.0, help="default: by N, duration")
     parser.add_argument("--durability", choices=["fsync", "relaxed"], default="fsync")
-    # _cars only
-    parser.add_argument("--target", default="")
-    parser.add_argument("--prefix", default="car-")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report-s", type=float, default=1.0)
     args = parser.parse_args(argv)
     from broker.server.broker import install_event_loop_policy
 
     install_event_loop_policy()
-    if args.scenario == "_cars":
-        if args.target.rpartition(":")[0] != LOOPBACK:
-            parser.error(f"the fleet only talks to {LOOPBACK}")
-        asyncio.run(run_cars(args))
-        return 0
     if args.cars < 1:
         parser.error("--cars must be positive")
     args.processes = args.processes or max(1, math.ceil(args.cars / 25_000))

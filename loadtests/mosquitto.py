@@ -41,13 +41,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.testing import LOOPBACK, PROJECT_ROOT, BrokerProcess
-from loadtests._util import UNTHROTTLED, cpu_seconds, stop_agents
+from broker.testing import LOOPBACK, PROJECT_ROOT, BrokerProcess, stop_process
+from loadtests._util import CARS_PER_CHANNEL, UNTHROTTLED, cpu_seconds, stop_agents
 
 OUT = PROJECT_ROOT / "bench-out" / "mosquitto.json"
 INSTALL_MOSQUITTO = "sudo apt-get install -y mosquitto   # Debian/Ubuntu; or your OS package"
 INSTALL_PAHO = f"{sys.executable} -m pip install paho-mqtt"
-CARS_PER_CHANNEL = 250
 
 
 class Aborted(Exception):
@@ -119,18 +118,14 @@ class Mosquitto:
         raise RuntimeError(f"mosquitto did not start; log:\n{self.log.read_text()[-4000:]}")
 
     def kill(self) -> None:
+        """kill -9: no shutdown, no persistence save (what it saved before must survive)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
 
 
 class MqttPool:
@@ -371,10 +366,6 @@ def _mosquitto_version() -> str:
 
 
 # -- this broker ----------------------------------------------------------------------------
-
-
-async def _ok(payload: bytes) -> bool:
-    return True
 
 
 async def _send_all(client: Any, ids: Sequence[str], per_car: int) -> set[str]:

@@ -1,4 +1,4 @@
-"""Test hosts in network namespaces, and a car that runs inside one.
+"""Test hosts in network namespaces.
 
     with Hosts() as hosts:                    # needs root and `ip` (iproute2)
         hosts.run_in("broker", [...])          # argv prefix: ip netns exec <ns>
@@ -15,23 +15,16 @@ broker without crossing the car's link:
 sockets stay ESTABLISHED, nobody sends FIN or RST — a NAT timeout or a dead cell. No
 traffic leaves the namespaces this module made.
 
-`python -m loadtests.netns car --target HOST:PORT --vehicle ID` is the car: a
-VehicleAgent that prints one JSON line per event (connected, lost, executed) and exits
-when its stdin closes; its token is signed from $BROKER_AUTH_SECRET (never argv).
+A car runs in the car's namespace as `loadtests.cars.CarsProcess(..., run_in=
+hosts.run_in("car"))`, talking to `BROKER_ADDRESS`.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import os
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Sequence
-from typing import Any
 
 BROKER_ADDRESS = "10.231.0.1"  # the broker, as the car sees it
 CAR_ADDRESS = "10.231.0.2"
@@ -126,116 +119,3 @@ def _run(*argv: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
-
-
-# -- the car inside a namespace ----------------------------------------------------------------
-
-
-class CarEvents:
-    """The car child's JSON lines, as they come, with this process's monotonic time."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.events: list[dict[str, Any]] = []
-        self._changed = asyncio.Event()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        async for line in self.proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            event["seen_at"] = time.monotonic()
-            self.events.append(event)
-            self._changed.set()
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == kind]
-
-    async def wait(self, kind: str, count: int, timeout_s: float) -> dict[str, Any] | None:
-        """The `count`-th event of `kind` (1-based), or None if it did not come in time."""
-        deadline = time.monotonic() + timeout_s
-        while len(self.of(kind)) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.proc.returncode is not None:
-                return None
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                return None
-        return self.of(kind)[count - 1]
-
-    async def stop(self) -> None:
-        if self.proc.stdin is not None and self.proc.returncode is None:
-            self.proc.stdin.close()
-        try:
-            await asyncio.wait_for(self.proc.wait(), 10)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-        self._reader.cancel()
-
-
-async def start_car(
-    hosts: Hosts, target: str, vehicle_id: str, secret: str, keepalive_s: float
-) -> CarEvents:
-    proc = await asyncio.create_subprocess_exec(
-        *hosts.run_in("car", [sys.executable, "-m", "loadtests.netns", "car"]),
-        *("--target", target, "--vehicle", vehicle_id, "--keepalive", str(keepalive_s)),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "BROKER_AUTH_SECRET": secret},
-    )
-    return CarEvents(proc)
-
-
-async def _car(args: argparse.Namespace) -> None:
-    from broker.sdk.vehicle import VehicleAgent
-    from broker.security.auth import issue_token
-    from loadtests._util import stdin_reader
-
-    def emit(event: str, **fields: Any) -> None:
-        print(json.dumps({"event": event, **fields}), flush=True)
-
-    async def unlock(payload: bytes) -> bool:
-        return True
-
-    token = issue_token(os.environ["BROKER_AUTH_SECRET"], vehicle=args.vehicle)
-    agent = VehicleAgent(
-        args.target, args.vehicle, token=token, keepalive_s=args.keepalive,
-        handlers={"unlock": unlock, "lock": unlock}, backoff_cap_s=args.backoff_cap,
-    )  # fmt: skip
-    run = asyncio.create_task(agent.run())
-    stdin = await stdin_reader()
-    closed = asyncio.create_task(stdin.read())
-    connected, executed = False, 0
-    while not closed.done() and not run.done():
-        if agent.connected.is_set() != connected:
-            connected = not connected
-            emit("connected" if connected else "lost", connects=agent.connects)
-        while executed < len(agent.executed):
-            emit("executed", command_id=agent.executed[executed])
-            executed += 1
-        await asyncio.sleep(0.05)
-    await agent.stop()
-    run.cancel()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.netns", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    car = sub.add_parser("car", help="a car inside a namespace (see the module docstring)")
-    car.add_argument("--target", required=True)
-    car.add_argument("--vehicle", required=True)
-    car.add_argument("--keepalive", type=float, default=10.0)
-    car.add_argument("--backoff-cap", type=float, default=30.0)
-    args = parser.parse_args(argv)
-    asyncio.run(_car(args))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

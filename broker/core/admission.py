@@ -1,7 +1,10 @@
 """Adaptive admission of work: a gradient concurrency limit, lane shares, CoDel queues.
 
-The unit admitted is one piece of *work* -- a command enqueue or dispatch, a telemetry
-batch -- never an RPC: a vehicle stream is open for days and holds no slot.
+The unit admitted is one piece of *work* -- a command enqueue (one slot per SendCommand
+or SendCommands), a GetCommand / GetVehicleState (interactive) or a ListCommands (bulk)
+-- never a stream: a vehicle stream is open for days and holds no slot. Telemetry has its
+own budgets (broker/core/telemetry.py). The lanes and their shares come from the lane
+table (broker/core/lanes.py).
 
 * `Gradient2Limit` estimates how much work may be in flight at once. It is Netflix
   concurrency-limits' Gradient2: the limit shrinks while service time sits above its

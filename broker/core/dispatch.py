@@ -4,7 +4,8 @@ The store is the truth; this module keeps in memory only what it needs to route:
 non-terminal commands of the cars that are connected. A parked car's commands stay on
 disk until it connects; its queue is then loaded from the store's `pending` index (the
 loads of cars connecting together share one store operation). It knows nothing about
-gRPC: a car is a `Session` with an outbox, a service call is a method call.
+gRPC or the wire: a car is a `Session` with an outbox of commands, a service call is a
+method call.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from broker.config import Config
 from broker.core.clock import now_ms
 from broker.core.errors import BrokerError, Unavailable, retry_hint_ms
 from broker.core.events import EventHub
-from broker.core.sessions import Session, SessionRegistry
-from broker.storage.lmdb_store import TERMINAL, Created, NewCommand, NotCommittedInTime, Store
+from broker.core.lifecycle import TERMINAL
+from broker.core.sessions import CommandOut, Session, SessionRegistry
+from broker.core.store import Created, NewCommand, NotCommittedInTime, Store
 from broker.v1 import types_pb2 as t
-from broker.v1 import vehicle_link_pb2 as link
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class Dispatcher:
             queue.commands[command.command_id] = command
             if command.status == t.DELIVERED and session is not None and not queue.loading:
                 queue.in_flight.add(command.command_id)
-                session.send_recorded(_command_frame(command, command.attempt))
+                session.send_recorded(command)
             else:  # a loading queue sends it with the rest (the load sees it DELIVERED)
                 queue.push(command)
                 touched.add(vehicle_id)
@@ -220,7 +221,7 @@ class Dispatcher:
 
         write.add_done_callback(done)
 
-    async def cancel(self, command_id: str) -> Any:
+    async def cancel(self, command_id: str) -> t.Command:
         write = self._store.cancel(command_id, now_ms=now_ms())
         self._record(write)
         return await asyncio.shield(write)
@@ -334,31 +335,29 @@ class Dispatcher:
             self._record(self._store.requeue(unacked, now_ms=now_ms()))
         return True
 
-    async def deliver(self, session: Session, frames: Sequence[Any]) -> set[str]:
+    async def deliver(self, session: Session, outs: Sequence[CommandOut]) -> dict[str, int]:
         """Record commands as on the wire, durably, *before* they are written to the car.
 
-        `frames` are the CommandFrames waiting in the session's outbox, recorded in one
-        write; each gets its attempt number. Returns the ids of those to write; a frame
-        left out is dropped: the command was canceled, superseded or expired meanwhile
-        (the store decides, in order with those writes), or the stream is closing — then
-        the commands stay in flight and disconnect()/connect() hand them to the next stream.
+        `outs` are commands waiting in the session's outbox, recorded in one write.
+        Returns the attempt number of each command to write; one left out is dropped:
+        it was canceled, superseded or expired meanwhile (the store decides, in order
+        with those writes), or the stream is closing — then the commands stay in flight
+        and disconnect()/connect() hand them to the next stream.
         """
         if session.closed:
-            return set()
+            return {}
         policy = self._config.policy
         deliveries = [
-            (frame.command_id, int(policy(frame.name).result_timeout_s * 1000)) for frame in frames
+            (out.command.command_id, int(policy(out.command.name).result_timeout_s * 1000))
+            for out in outs
         ]
         write = self._store.mark_delivered(deliveries, now_ms=now_ms())
         self._record(write)
         attempts = {command.command_id: command.attempt for command in await asyncio.shield(write)}
-        for frame in frames:
-            attempt = attempts.get(frame.command_id)
-            if attempt is None:
-                self._not_sent(session, frame.command_id)
-            else:
-                frame.attempt = attempt
-        return set(attempts)
+        for out in outs:
+            if out.command.command_id not in attempts:
+                self._not_sent(session, out.command.command_id)
+        return attempts
 
     def _not_sent(self, session: Session, command_id: str) -> None:
         """The store refused to put a command on the wire: free its window slot."""
@@ -439,7 +438,7 @@ class Dispatcher:
             if command_id in self._abandoning:
                 continue  # its sender was told it was not accepted: never sent
             queue.in_flight.add(command_id)
-            session.send(_command_frame(command, command.attempt + 1))
+            session.send_command(command, command.attempt + 1)
 
     def _apply(self, command: Any) -> None:
         """Take in a recorded change: update memory, wake waiters, refill the window."""
@@ -477,19 +476,6 @@ class Dispatcher:
 
 #: how soon a failed write recording abandoned commands is tried again
 ABANDON_RETRY_S = 1.0
-
-
-def _command_frame(command: Any, attempt: int) -> Any:
-    return link.BrokerFrame(
-        command=link.CommandFrame(
-            command_id=command.command_id,
-            name=command.name,
-            payload=command.payload,
-            attempt=attempt,
-            expires_at_ms=command.expires_at_ms,
-            issued_at_ms=command.created_at_ms,
-        )
-    )
 
 
 def _as_list(outcome: Any) -> Iterable[Any]:

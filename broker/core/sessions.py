@@ -14,6 +14,20 @@ from broker.core.errors import BrokerError, Replaced, Unavailable
 CLOSE = object()
 
 
+class CommandOut:
+    """A command waiting in a car's outbox, and the attempt it goes out as. `recorded`:
+    its delivery is on disk already (it was created DELIVERED), so the stream writes it
+    without recording it again; otherwise the stream records it first and takes the
+    attempt the store gives it (broker/core/stream.py)."""
+
+    __slots__ = ("attempt", "command", "recorded")
+
+    def __init__(self, command: Any, attempt: int, recorded: bool) -> None:
+        self.command = command
+        self.attempt = attempt
+        self.recorded = recorded
+
+
 class Outbox:
     """A car's frames waiting to be written, for exactly one reader (its stream's writer).
 
@@ -49,7 +63,7 @@ class Outbox:
 
 
 class Session:
-    """One car's live stream, as the dispatcher sees it: an outbox of frames."""
+    """One car's live stream, as the dispatcher sees it: an outbox of frames and commands."""
 
     __slots__ = (
         "close_error",
@@ -58,7 +72,6 @@ class Session:
         "heartbeats",
         "last_heard_s",
         "outbox",
-        "recorded",
         "session_id",
         "task",
         "vehicle_id",
@@ -76,24 +89,24 @@ class Session:
         #: Why the stream ended; None for a clean end (the car hung up).
         self.close_error: BrokerError | None = None
         self.closed = False
-        #: ids of queued command frames whose delivery is already recorded (created
-        #: DELIVERED): the writer sends them without recording them again
-        self.recorded: set[str] | None = None
         #: the stream's handler, cancelled when the link is found dead (its write to the
         #: car may be stuck in flow control, never to return on its own)
         self.task: asyncio.Task[Any] | None = None
 
     def send(self, frame: Any) -> None:
+        """Queue a ready frame (a Control frame)."""
         if not self.closed:
             self.outbox.put(frame)
 
-    def send_recorded(self, frame: Any) -> None:
-        """Queue a command frame whose delivery the store has recorded already."""
+    def send_command(self, command: Any, attempt: int) -> None:
+        """Queue a command; the stream records its delivery before writing it."""
         if not self.closed:
-            if self.recorded is None:
-                self.recorded = set()
-            self.recorded.add(frame.command.command_id)
-            self.outbox.put(frame)
+            self.outbox.put(CommandOut(command, attempt, recorded=False))
+
+    def send_recorded(self, command: Any) -> None:
+        """Queue a command whose delivery the store has recorded already (its attempt)."""
+        if not self.closed:
+            self.outbox.put(CommandOut(command, command.attempt, recorded=True))
 
     def close(self, error: BrokerError | None = None) -> None:
         if self.closed:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from broker.core.errors import BrokerError, InvalidArgument
 from broker.core.sessions import SessionRegistry
-from broker.storage.lmdb_store import Store
+from broker.core.store import Store
 from broker.v1 import command_service_pb2 as svc
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class VehicleStates:
         if vehicle_id not in self._dirty:
             self._dirty[vehicle_id] = received_at_ms
 
-    async def get(self, vehicle_id: str) -> Any:
+    async def get(self, vehicle_id: str) -> svc.VehicleState:
         """The state as a client should see it, with live connectedness."""
         live = self._live.get(vehicle_id)
         if live is not None:

@@ -41,6 +41,13 @@ logger = logging.getLogger(__name__)
 
 HandlerResult = bool | tuple[bool, str, bytes] | None
 Handler = Callable[[bytes], Awaitable[HandlerResult]]
+
+
+async def succeed(payload: bytes) -> bool:
+    """A command handler that executes at once and succeeds (simulators, tests)."""
+    return True
+
+
 SignalValue = float | int | str | bool
 RESEND_WINDOW_S = 120.0
 RESEND_MAX = 32

@@ -4,32 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-import itertools
 import logging
-import time
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from broker.api.service import Servicer, telemetry_control
+from broker.api.command_service import CommandService
+from broker.api.handlers import Handlers
+from broker.api.vehicle_link import VehicleLink
 from broker.config import Config
 from broker.core import clock
 from broker.core.admission import Admission, Gradient2Limit
-from broker.core.clock import now_ms
+from broker.core.commands import Commands
 from broker.core.dispatch import Dispatcher
-from broker.core.errors import BrokerError, Unavailable
+from broker.core.errors import Unavailable
 from broker.core.events import EventHub
 from broker.core.sessions import SessionRegistry, StreamGate
-from broker.core.state import FLUSH_SLICE, VehicleStates
+from broker.core.state import VehicleStates
+from broker.core.stream import DRAIN, Links
 from broker.core.telemetry import TelemetryGuard
 from broker.security.auth import Authenticator
-from broker.server.metrics import serve_metrics
-from broker.storage.lmdb_store import Store
+from broker.server.loops import Liveness, StateFlush, tune_gc
+from broker.server.metrics import BrokerCollector, serve_metrics
+from broker.storage.lmdb_store import LmdbStore
 from broker.v1 import command_service_pb2, vehicle_link_pb2
-from broker.v1 import vehicle_link_pb2 as link
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Broker:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = Store(
+        self.store = LmdbStore(
             config.data_dir,
             map_size=config.map_size_mb << 20,
             map_size_max=config.map_size_max_mb << 20,
@@ -113,17 +113,11 @@ class Broker:
         self._stopped = False
         self._metrics_server: Any = None
         self.metrics_port = 0
-        #: vehicle streams closed because nothing was heard on them (dead links)
-        self.dead_links = 0
+        self.liveness = Liveness(self.sessions, config.liveness_timeout_s)
 
     async def start(self) -> int:
         """Recover, bind, serve; returns the bound port (so `listen` may end in :0)."""
-        if self.config.gc_freeze_interval_s > 0:
-            # Full collections find nothing here (the state is acyclic) yet each scans every
-            # unfrozen object: ~20-30 ms stalls, many a minute under a telemetry storm. Run
-            # them 10x less often; gen0/gen1 keep collecting short-lived cycles as before
-            # (a larger gen0 threshold, 2000, made each young collection a 5-8 ms stall).
-            gc.set_threshold(700, 10, GC_FULL_EVERY)
+        tune_gc(self.config)
         # Broker time goes on from the store's reference, never behind what it holds,
         # even if the wall clock was set back while the broker was down (broker/core/clock.py).
         clock.current().resume(*self.store.clock_reference)
@@ -131,20 +125,19 @@ class Broker:
         recovered = await self.dispatcher.recover()
         expired = await self.dispatcher.fire_timers()
         logger.info("recovered %d pending commands (%d expired or timed out)", recovered, expired)
-        auth = Authenticator(self.config.auth_secret, insecure_dev=self.config.insecure_dev)
-        servicer = Servicer(
-            self.config,
-            auth,
-            self.store,
-            self.dispatcher,
-            self.events,
-            self.states,
-            self.stream_gate,
-            self.telemetry,
-            self.admission,
+        config = self.config
+        handlers = Handlers(Authenticator(config.auth_secret, insecure_dev=config.insecure_dev))
+        commands = Commands(
+            config, self.store, self.dispatcher, self.events, self.states, self.admission
         )
-        server = grpc.aio.server(options=server_options(self.config))
-        server.add_generic_rpc_handlers(servicer.handlers())
+        links = Links(config, self.dispatcher, self.telemetry, self.states, self.stream_gate)
+        server = grpc.aio.server(options=server_options(config))
+        server.add_generic_rpc_handlers(
+            (
+                CommandService(commands).handler(handlers),
+                VehicleLink(config, handlers, links).handler(),
+            )
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -161,82 +154,27 @@ class Broker:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_listen:
-            self._metrics_server = serve_metrics(self, self.config.metrics_listen)
+            self._metrics_server = serve_metrics(self.collector(), self.config.metrics_listen)
             self.metrics_port = int(self._metrics_server.server_port)
+        flush = StateFlush(config, self.telemetry, self.states, self.sessions)
         self._tasks = [
             asyncio.create_task(self.dispatcher.run_timers(), name="timers"),
-            asyncio.create_task(self._flush_state(), name="state-flush"),
-            asyncio.create_task(self._check_liveness(), name="liveness"),
+            asyncio.create_task(flush.run(), name="state-flush"),
+            asyncio.create_task(self.liveness.run(), name="liveness"),
         ]
         return port
 
-    async def _check_liveness(self) -> None:
-        """Close streams whose cars went silent (dead links), and report clock steps."""
-        timeout_s = self.config.liveness_timeout_s
-        reported_offset_ms = 0
-        while True:
-            await asyncio.sleep(timeout_s / 8)
-            try:
-                reported_offset_ms = self._check_liveness_once(timeout_s, reported_offset_ms)
-            except Exception:  # this loop must outlive any one bad session
-                logger.exception("liveness check failed")
-
-    def _check_liveness_once(self, timeout_s: float, reported_offset_ms: int) -> int:
-        """One check; returns the wall-clock offset last reported."""
-        closed = self.sessions.close_silent(timeout_s)
-        if closed:
-            self.dead_links += closed
-            logger.info("closed %d vehicle streams silent for %gs", closed, timeout_s)
-        offset_ms = clock.current().wall_offset_ms()
-        if abs(offset_ms - reported_offset_ms) > CLOCK_STEP_REPORT_MS:
-            logger.warning(
-                "the wall clock is %+d ms from broker time (it was stepped); deadlines "
-                "keep to broker time, which advances steadily",
-                offset_ms,
-            )
-            return offset_ms
-        return reported_offset_ms
-
-    async def _flush_state(self) -> None:
-        """Apply coalesced telemetry, persist state, and restore cars that went quiet."""
-        interval = self.config.state_flush_interval_s
-        sweep_every = max(1, round(5 / interval))  # restoring quiet cars needs no hurry
-        freeze_s = self.config.gc_freeze_interval_s
-        freeze_every = max(1, round(freeze_s / interval)) if freeze_s > 0 else 0
-        for tick in itertools.count(1):
-            await asyncio.sleep(interval)
-            try:
-                await self._flush_once(sweep=tick % sweep_every == 0)
-            except Exception:  # this loop must outlive any one bad car or failed write
-                logger.exception("state flush failed")
-            if freeze_every and tick % freeze_every == 0:
-                # Every live stream keeps thousands of objects alive; a full cyclic
-                # collection scanned them all and stalled the loop (measured: 984 ms at
-                # 30k cars, unlock p99 743 ms; with periodic freezing p99 29 ms). Frozen
-                # objects are still freed by reference counting; only reference cycles
-                # among them are not collected.
-                gc.freeze()
-
-    async def _flush_once(self, *, sweep: bool) -> None:
-        received_ms = now_ms()
-        # A slice of cars at a time, taken as applied: a car that goes between slices
-        # takes its own buffer with it (see `_release`), so nothing is lost.
-        for _ in range(0, self.telemetry.coalescing_cars, FLUSH_SLICE):
-            for vehicle_id, signals in self.telemetry.take_coalesced(FLUSH_SLICE).items():
-                try:
-                    self.states.report(vehicle_id, signals, received_ms)
-                except BrokerError as exc:
-                    logger.warning("dropped coalesced telemetry of %s: %s", vehicle_id, exc.message)
-            await asyncio.sleep(0)  # let unlocks through between slices of the fleet
-        if sweep:
-            for vehicle_id, policy in self.telemetry.sweep(time.monotonic()):
-                session = self.sessions.get(vehicle_id)
-                if session is not None:
-                    session.send(telemetry_control(policy))
-        config = self.config
-        await self.states.flush(
-            share=config.state_flush_interval_s / config.state_persist_interval_s,
-            changed_before_ms=now_ms() - int(config.state_persist_interval_s * 1000),
+    def collector(self) -> BrokerCollector:
+        """The Prometheus collector over this broker's parts."""
+        return BrokerCollector(
+            events=self.events,
+            dispatcher=self.dispatcher,
+            sessions=self.sessions,
+            stream_gate=self.stream_gate,
+            admission=self.admission,
+            telemetry=self.telemetry,
+            store=self.store,
+            liveness=self.liveness,
         )
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:
@@ -257,9 +195,8 @@ class Broker:
         self.events.drain()
         # Tell every car to go (they reconnect with jittered backoff), then end its stream.
         live = self.sessions.all()
-        drain = link.BrokerFrame(control=link.Control(drain=True))
         for session in live:
-            session.send(drain)
+            session.send(DRAIN)
             session.close()
         if self.server is not None:
             await self.server.stop(grace)
@@ -275,12 +212,6 @@ class Broker:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-
-
-#: a full collection after this many young ones (CPython's default: 10)
-GC_FULL_EVERY = 100
-#: a change of the wall clock's offset from broker time larger than this is logged
-CLOCK_STEP_REPORT_MS = 1000
 
 
 def install_event_loop_policy() -> str:

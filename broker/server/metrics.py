@@ -1,7 +1,8 @@
 """Prometheus metrics, read from the domain objects at scrape time.
 
 The hot paths only bump plain integers; this collector turns them into metric
-families when Prometheus scrapes, so visibility costs nothing per command.
+families when Prometheus scrapes, so visibility costs nothing per command. It is handed
+the parts it reads (the composition root builds it), so it imports none of the server.
 """
 
 from __future__ import annotations
@@ -18,53 +19,102 @@ from broker.core import clock, lanes
 from broker.v1 import types_pb2 as t
 
 if TYPE_CHECKING:
-    from broker.server.broker import Broker
+    from broker.core.admission import Admission
+    from broker.core.dispatch import Dispatcher
+    from broker.core.events import EventHub
+    from broker.core.sessions import SessionRegistry, StreamGate
+    from broker.core.store import Store
+    from broker.core.telemetry import TelemetryGuard
+    from broker.server.loops import Liveness
 
 logger = logging.getLogger(__name__)
 
 
 class BrokerCollector(Collector):
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
+    def __init__(
+        self,
+        *,
+        events: EventHub,
+        dispatcher: Dispatcher,
+        sessions: SessionRegistry,
+        stream_gate: StreamGate,
+        admission: Admission,
+        telemetry: TelemetryGuard,
+        store: Store,
+        liveness: Liveness,
+    ) -> None:
+        self.events = events
+        self.dispatcher = dispatcher
+        self.sessions = sessions
+        self.stream_gate = stream_gate
+        self.admission = admission
+        self.telemetry = telemetry
+        self.store = store
+        self.liveness = liveness
 
     def collect(self) -> Iterator[Any]:
-        broker = self._broker
+        yield from self._commands()
+        yield from self._streams()
+        yield from self._admission()
+        yield from self._telemetry()
+        yield from self._store()
+
+    def _commands(self) -> Iterator[Any]:
         outcomes = CounterMetricFamily(
             "broker_command_status_changes",
             "Recorded command status changes (outcomes), by status",
             labels=["status"],
         )
-        for status, count in sorted(broker.events.status_counts.items()):
+        for status, count in sorted(self.events.status_counts.items()):
             outcomes.add_metric([t.CommandStatus.Name(status)], count)
         yield outcomes
         yield GaugeMetricFamily(
             "broker_durable_queue_depth",
             "Non-terminal commands on disk (queued, in flight or awaiting a result)",
-            value=broker.dispatcher.pending_total,
+            value=self.dispatcher.pending_total,
         )
         yield GaugeMetricFamily(
             "broker_durable_queue_in_memory_vehicles",
             "Cars whose queue is held in memory (connected, with pending commands); a "
             "parked car's queue stays on disk",
-            value=broker.dispatcher.queues_in_memory,
+            value=self.dispatcher.queues_in_memory,
         )
-        yield GaugeMetricFamily(
-            "broker_vehicle_streams", "Live vehicle streams", value=len(broker.sessions)
+        yield CounterMetricFamily(
+            "broker_commands_abandoned",
+            "Commands that became durable only after their sender's deadline: canceled, never sent",
+            value=self.dispatcher.abandoned,
         )
         yield GaugeMetricFamily(
             "broker_command_watchers",
             "Open WatchCommands streams",
-            value=broker.events.watcher_count,
+            value=self.events.watcher_count,
+        )
+
+    def _streams(self) -> Iterator[Any]:
+        yield GaugeMetricFamily(
+            "broker_vehicle_streams", "Live vehicle streams", value=len(self.sessions)
+        )
+        yield CounterMetricFamily(
+            "broker_vehicle_streams_dead",
+            "Vehicle streams closed because nothing was heard on them (dead links)",
+            value=self.liveness.dead_links,
+        )
+        yield GaugeMetricFamily(
+            "broker_clock_wall_offset_ms",
+            "The wall clock minus broker time: how far the wall clock has been stepped",
+            value=clock.current().wall_offset_ms(),
         )
         admissions = CounterMetricFamily(
             "broker_stream_admissions",
             "New vehicle streams, admitted or told to reconnect later (storm control)",
             labels=["decision"],
         )
-        admissions.add_metric(["admitted"], broker.stream_gate.admitted)
-        admissions.add_metric(["deferred"], broker.stream_gate.deferred)
+        admissions.add_metric(["admitted"], self.stream_gate.admitted)
+        admissions.add_metric(["deferred"], self.stream_gate.deferred)
         yield admissions
-        admission = broker.admission
+
+    def _admission(self) -> Iterator[Any]:
+        admission = self.admission
         work = CounterMetricFamily(
             "broker_admission",
             "Command work offered to admission, by lane and decision",
@@ -95,7 +145,9 @@ class BrokerCollector(Collector):
             for lane, value in values.items():
                 gauge.add_metric([lanes.name(lane)], value)
             yield gauge
-        counters = broker.telemetry.counters
+
+    def _telemetry(self) -> Iterator[Any]:
+        counters = self.telemetry.counters
         for unit in ("msgs", "bytes"):
             family = CounterMetricFamily(
                 f"broker_telemetry_{unit}",
@@ -108,20 +160,22 @@ class BrokerCollector(Collector):
         levels = GaugeMetricFamily(
             "broker_telemetry_cars", "Connected cars by telemetry guard level", labels=["level"]
         )
-        for level, count in broker.telemetry.cars_by_level().items():
+        for level, count in self.telemetry.cars_by_level().items():
             levels.add_metric([level.name.lower()], count)
         yield levels
         yield GaugeMetricFamily(
             "broker_telemetry_fleet_level",
             "Fleet-wide telemetry guard level (0 normal, 1 coalesce, 2 sample, 3 shed)",
-            value=int(broker.telemetry.fleet_level),
+            value=int(self.telemetry.fleet_level),
         )
         yield CounterMetricFamily(
             "broker_telemetry_policy_updates",
             "Control frames sent to change a car's telemetry policy",
             value=counters.policy_updates,
         )
-        store = broker.store
+
+    def _store(self) -> Iterator[Any]:
+        store = self.store
         yield GaugeMetricFamily(
             "broker_store_room_bytes",
             "Room left for more data, in the LMDB map and on its disk (the lesser)",
@@ -137,34 +191,16 @@ class BrokerCollector(Collector):
             "New commands refused because the store was short of room",
             value=store.space_refusals,
         )
+        yield CounterMetricFamily("broker_store_commits", "LMDB group commits", value=store.commits)
         yield CounterMetricFamily(
-            "broker_commands_abandoned",
-            "Commands that became durable only after their sender's deadline: canceled, never sent",
-            value=broker.dispatcher.abandoned,
-        )
-        yield CounterMetricFamily(
-            "broker_vehicle_streams_dead",
-            "Vehicle streams closed because nothing was heard on them (dead links)",
-            value=broker.dead_links,
-        )
-        yield GaugeMetricFamily(
-            "broker_clock_wall_offset_ms",
-            "The wall clock minus broker time: how far the wall clock has been stepped",
-            value=clock.current().wall_offset_ms(),
-        )
-        writer = store.writer
-        yield CounterMetricFamily(
-            "broker_store_commits", "LMDB group commits", value=writer.groups_committed
-        )
-        yield CounterMetricFamily(
-            "broker_store_operations", "Store operations committed", value=writer.ops_committed
+            "broker_store_operations", "Store operations committed", value=store.operations
         )
 
 
-def serve_metrics(broker: Broker, listen: str) -> Any:
+def serve_metrics(collector: Collector, listen: str) -> Any:
     """Expose /metrics on `listen` (HOST:PORT); returns the HTTP server (call shutdown())."""
     registry = CollectorRegistry()
-    registry.register(BrokerCollector(broker))
+    registry.register(collector)
     host, _, port = listen.rpartition(":")
     server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
     logger.info("metrics on http://%s:%d/metrics", host, server.server_port)

@@ -1,6 +1,8 @@
-"""The durable command store on LMDB: the whole command lifecycle, crash-safe.
+"""The durable command store on LMDB: the command lifecycle made crash-safe.
 
-Every operation here runs inside a write transaction on the writer thread (see
+The rules (which status changes are allowed, what each writes, when a timer is due) are
+`broker/core/lifecycle.py`; this module persists their records and keeps the indexes in
+step. Every operation here runs inside a write transaction on the writer thread (see
 `broker/storage/writer.py`) and returns only after its group is committed — fsynced in the
 default durability mode — so "accepted" always means "on disk".
 
@@ -20,7 +22,7 @@ Databases (all keys sort bytewise):
                b"clock" -> the highest broker time written, the boot-time clock then
                and the boot's id (a restart resumes from it: see broker/core/clock.py)
 
-Each command has exactly one timer, derived from its record (`_timer_at`): its expiry
+Each command has exactly one timer, derived from its record (`lifecycle.timer_at`): its expiry
 while it waits in the queue (never sent, or sent and then re-queued because its car went
 away), its result deadline while it is on the wire (DELIVERED or ACKED), its purge time
 once terminal. A re-queued command has no result deadline: it gets a new one only when
@@ -42,23 +44,20 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 import lmdb
 
-from broker.core import clock
+from broker.core import clock, lifecycle
 from broker.core.clock import BOOT_ID
-from broker.core.errors import (
-    BrokerError,
-    Conflict,
-    FailedPrecondition,
-    NotFound,
-    StoreUnavailable,
-    retry_hint_ms,
-)
+from broker.core.errors import BrokerError, NotFound, StoreUnavailable
+from broker.core.lifecycle import TERMINAL
+from broker.core.store import Created, NewCommand, new_command_id
+from broker.core.store import Store as StoreInterface
 from broker.storage.writer import Writer
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
@@ -66,10 +65,6 @@ from broker_ext import codec
 
 logger = logging.getLogger(__name__)
 
-TERMINAL = frozenset({t.SUCCEEDED, t.FAILED, t.EXPIRED, t.CANCELED, t.SUPERSEDED, t.UNKNOWN})
-NOT_YET_SENT = frozenset({t.ACCEPTED, t.QUEUED})
-#: on the wire: its timer is the result deadline
-ON_THE_WIRE = frozenset({t.DELIVERED, t.ACKED})
 _SEQ_KEY = b"seq"
 _CLOCK_KEY = b"clock"
 _NOTHING: Mapping[int, int] = MappingProxyType({})
@@ -86,54 +81,6 @@ SPACE_CHECK_INTERVAL_S = 0.2
 #: long a command must have been terminal before it may go ahead of its retention
 RECLAIM_BATCH = 1000
 RECLAIM_MIN_AGE_MS = 60_000
-
-
-class NewCommand(NamedTuple):
-    """A validated request to enqueue one command (policy already applied)."""
-
-    vehicle_id: str
-    name: str
-    payload: bytes
-    lane: int
-    ttl_ms: int
-    idempotency_key: str = ""
-    idempotency_scope: str = ""  # the caller: one caller's keys never match another's
-    coalesce_key: str = ""
-    #: monotonic time (time.monotonic()) after which it must not be written: its
-    #: sender has given up, or it waited longer than a critical command may; 0 = none
-    commit_by_s: float = 0.0
-
-
-class Created(NamedTuple):
-    command: Any  # t.Command
-    deduplicated: bool
-    superseded: tuple[Any, ...]  # older commands this one coalesced away
-
-
-class NotCommittedInTime(StoreUnavailable):
-    """Not accepted: it could not be made durable before `NewCommand.commit_by_s`.
-
-    Either nothing was written, or (`abandoned`) it became durable too late and is
-    canceled before anything is sent; a retry with the same idempotency key is safe.
-    """
-
-    def __init__(self, *, abandoned: bool = False) -> None:
-        what = (
-            "it became durable only after its deadline and is canceled, never sent"
-            if abandoned
-            else "nothing was written"
-        )
-        super().__init__(
-            "not accepted: the store could not make it durable in time (the store is "
-            f"slow or stalled); {what}; a retry is safe",
-            retry_after_ms=retry_hint_ms(),
-        )
-
-
-def _never_sent(command: Any) -> bool:
-    """Not on the wire yet. A requeued (or recovered) QUEUED command with attempt > 0 was
-    sent once, and the car may have run it: it can no longer be canceled or superseded."""
-    return command.status in NOT_YET_SENT and command.attempt == 0
 
 
 def _lock_folder(path: Path) -> IO[bytes]:
@@ -158,7 +105,7 @@ def _lock_folder(path: Path) -> IO[bytes]:
     return lock_file
 
 
-def _pending_key(command: Any) -> bytes:
+def _pending_key(command: t.Command) -> bytes:
     return codec.pending_key(command.vehicle_id, command.lane, command.seq)
 
 
@@ -166,12 +113,7 @@ def _idem_key(scope: str, key: str) -> bytes:
     return scope.encode() + b"\x00" + key.encode()
 
 
-def new_command_id(now_ms: int) -> str:
-    """Time-ordered, unguessable: 12 hex digits of milliseconds, 12 of randomness."""
-    return f"{now_ms:012x}{os.urandom(6).hex()}"
-
-
-class Store:
+class LmdbStore(StoreInterface):
     """Async façade over the LMDB environment; all work runs on the writer thread."""
 
     def __init__(
@@ -237,9 +179,8 @@ class Store:
         self._stamp_written = 0
         self._reclaim_from = b""
         self._space_checked_at = 0.0
-        self.room_bytes = map_size_max
-        #: new commands refused for lack of room (metrics)
-        self.space_refusals = 0
+        self._room_bytes = map_size_max
+        self._space_refusals = 0
         self._measure_space()
         self._writer = Writer(
             self._env,
@@ -254,6 +195,15 @@ class Store:
     @property
     def writer(self) -> Writer:
         return self._writer
+
+    @property
+    def commits(self) -> int:
+        """Group commits (each makes many operations durable at once)."""
+        return self._writer.groups_committed
+
+    @property
+    def operations(self) -> int:
+        return self._writer.ops_committed
 
     @property
     def pending(self) -> int:
@@ -273,24 +223,34 @@ class Store:
         changes of commands already accepted (delivery, results, expiry).
         """
         reserve = self._reserve_bytes // 2 if critical else self._reserve_bytes
-        if self.room_bytes >= reserve:
+        if self._room_bytes >= reserve:
             return None
-        self.space_refusals += 1
+        self._space_refusals += 1
         return self._space_text()
+
+    @property
+    def room_bytes(self) -> int:
+        """Room for more data, in the map (up to map_size_max) and on the disk: the lesser."""
+        return self._room_bytes
 
     @property
     def reserve_bytes(self) -> int:
         return self._reserve_bytes
 
+    @property
+    def space_refusals(self) -> int:
+        """New commands refused for lack of room (metrics)."""
+        return self._space_refusals
+
     def _space_text(self) -> str:
         if self._disk_bound:
             return (
                 f"the disk holding the store ({self._path}) is nearly full: "
-                f"{self.room_bytes >> 10} KiB of room left, {self._reserve_bytes >> 10} KiB "
+                f"{self._room_bytes >> 10} KiB of room left, {self._reserve_bytes >> 10} KiB "
                 "are kept for commands already accepted"
             )
         return (
-            f"the store's LMDB map is nearly full ({self.room_bytes >> 10} KiB of room left "
+            f"the store's LMDB map is nearly full ({self._room_bytes >> 10} KiB of room left "
             f"of map_size_max_mb={self._map_size_max >> 20}); terminal commands are being "
             "purged ahead of retention to make room"
         )
@@ -301,7 +261,7 @@ class Store:
         self._measure_space()
         if isinstance(exc, lmdb.MapFullError):
             return self._space_text()
-        if getattr(exc, "errno", None) == errno.ENOSPC or self.room_bytes < self._reserve_bytes:
+        if getattr(exc, "errno", None) == errno.ENOSPC or self._room_bytes < self._reserve_bytes:
             return f"{self._space_text()} (the write failed: {exc})"
         return f"the store cannot write: {exc}"
 
@@ -335,7 +295,7 @@ class Store:
     def _measure_space(self) -> None:
         """Room for more data: in the map (up to map_size_max) and on the disk."""
         now = time.monotonic()
-        near_the_reserve = self.room_bytes < 2 * self._reserve_bytes
+        near_the_reserve = self._room_bytes < 2 * self._reserve_bytes
         if now - self._space_checked_at < SPACE_CHECK_INTERVAL_S and not near_the_reserve:
             return  # far from the reserve: a burst within the interval cannot reach it
         self._space_checked_at = now
@@ -359,11 +319,11 @@ class Store:
         on_disk = freed + disk.f_bavail * disk.f_frsize
         self._disk_bound = on_disk < in_map
         room = min(in_map, on_disk)
-        if (room < self._reserve_bytes) != (self.room_bytes < self._reserve_bytes):
+        if (room < self._reserve_bytes) != (self._room_bytes < self._reserve_bytes):
             log = logger.warning if room < self._reserve_bytes else logger.info
             log("store space: %d KiB of room (reserve %d KiB)", room >> 10,
                 self._reserve_bytes >> 10)  # fmt: skip
-        self.room_bytes = room
+        self._room_bytes = room
 
     def _open_dbs(self) -> bytes | None:
         """Open the named databases (migrating an older layout); the stored sequence."""
@@ -438,10 +398,10 @@ class Store:
         def op(txn: Any) -> list[Created | BrokerError]:
             out: list[Created | BrokerError] = []
             for index, item in enumerate(items):
-                status = t.ACCEPTED if item.vehicle_id in online else t.QUEUED
                 try:
                     timeout_ms = deliver.get(index)
-                    out.append(self._create_one(txn, item, status, now_ms, timeout_ms))
+                    is_online = item.vehicle_id in online
+                    out.append(self._create_one(txn, item, is_online, now_ms, timeout_ms))
                 except BrokerError as exc:
                     out.append(exc)
             txn.put(_SEQ_KEY, self._seq.to_bytes(8, "big"), db=self._meta)
@@ -453,66 +413,39 @@ class Store:
         self,
         txn: Any,
         item: NewCommand,
-        status: int,
+        online: bool,
         now_ms: int,
         result_timeout_ms: int | None = None,
     ) -> Created:
-        if item.commit_by_s and time.monotonic() >= item.commit_by_s:
-            raise NotCommittedInTime()
+        lifecycle.check_commit_by(item)
         if item.idempotency_key:
             earlier_id = txn.get(
                 _idem_key(item.idempotency_scope, item.idempotency_key), db=self._idem
             )
             if earlier_id is not None:
                 earlier = self._load(txn, earlier_id.decode())
-                if earlier is not None and (
-                    earlier.created_at_ms + self._idempotency_window_ms > now_ms
+                window_ms = self._idempotency_window_ms
+                if earlier is not None and lifecycle.repeats(
+                    earlier, item, now_ms=now_ms, window_ms=window_ms
                 ):
-                    if (earlier.vehicle_id, earlier.name, earlier.payload) != (
-                        item.vehicle_id,
-                        item.name,
-                        item.payload,
-                    ):
-                        raise Conflict(  # the caller's own command: keys are per caller
-                            f"idempotency key {item.idempotency_key!r} was used for command "
-                            f"{earlier.command_id} with a different vehicle, name or payload"
-                        )
                     return Created(earlier, True, ())
         self._seq += 1
-        command = t.Command(
+        command = lifecycle.new_record(
+            item,
             command_id=new_command_id(now_ms),
-            vehicle_id=item.vehicle_id,
-            name=item.name,
-            payload=item.payload,
-            lane=item.lane,  # type: ignore[arg-type]
-            status=status,  # type: ignore[arg-type]
-            created_at_ms=now_ms,
-            updated_at_ms=now_ms,
-            expires_at_ms=now_ms + item.ttl_ms,
-            idempotency_key=item.idempotency_key,
-            idempotency_scope=item.idempotency_scope,
-            coalesce_key=item.coalesce_key,
             seq=self._seq,
+            online=online,
+            now_ms=now_ms,
+            result_timeout_ms=result_timeout_ms,
         )
-        if result_timeout_ms is not None:
-            command.status = t.DELIVERED
-            command.attempt = 1
-            command.delivered_at_ms = now_ms
-            command.result_deadline_ms = now_ms + result_timeout_ms
-        superseded: tuple[Any, ...] = ()
+        superseded: tuple[t.Command, ...] = ()
         if item.coalesce_key:
             ckey = codec.coalesce_key(item.vehicle_id, item.coalesce_key)
             older_id = txn.get(ckey, db=self._coalesce)
-            older = self._load(txn, older_id.decode()) if older_id is not None else None
-            if older is not None and _never_sent(older):
-                self._update(
-                    txn,
-                    older,
-                    t.SUPERSEDED,
-                    now_ms,
-                    status_reason=f"superseded by {command.command_id}",
-                )
-                superseded = (older,)
+            if older_id is not None:
+                supersede = partial(lifecycle.supersede, by=command.command_id, now_ms=now_ms)
+                older = self._change(txn, older_id.decode(), supersede)
+                superseded = () if older is None else (older,)
             txn.put(ckey, command.command_id.encode(), db=self._coalesce)
         if item.idempotency_key:
             txn.put(
@@ -526,63 +459,45 @@ class Store:
             codec.pending_key(item.vehicle_id, item.lane, command.seq), command_id, db=self._pending
         )
         self._save(txn, command)
-        txn.put(codec.timer_key(self._timer_at(command), command.command_id), b"", db=self._timers)
+        txn.put(self._timer_key(command), b"", db=self._timers)
         self._stamp(now_ms)
         return Created(command, False, superseded)
 
     def mark_delivered(
         self, deliveries: Sequence[tuple[str, int]], *, now_ms: int
-    ) -> asyncio.Future[list[Any]]:
+    ) -> asyncio.Future[list[t.Command]]:
         """Record that commands go on the wire: `(command_id, result_timeout_ms)` pairs.
 
         Returns the commands it recorded; one not returned must not be sent (terminal, or
         past its expires_at).
         """
 
-        def op(txn: Any) -> list[Any]:
+        def op(txn: Any) -> list[t.Command]:
             changed = []
             for command_id, result_timeout_ms in deliveries:
-                command = self._load(txn, command_id)
-                if command is None or command.status not in (t.ACCEPTED, t.QUEUED, t.DELIVERED):
-                    continue
-                if now_ms >= command.expires_at_ms:
-                    continue  # never on the wire after expires_at: the timer will settle it
-                self._update(
-                    txn,
-                    command,
-                    t.DELIVERED,
-                    now_ms,
-                    attempt=command.attempt + 1,
-                    delivered_at_ms=command.delivered_at_ms or now_ms,
-                    result_deadline_ms=now_ms + result_timeout_ms,
+                deliver = partial(
+                    lifecycle.deliver, now_ms=now_ms, result_timeout_ms=result_timeout_ms
                 )
-                changed.append(command)
+                command = self._change(txn, command_id, deliver)
+                if command is not None:
+                    changed.append(command)
             return changed
 
         return self._writer.submit(op)
 
     def mark_acked(
         self, command_id: str, *, now_ms: int, result_timeout_ms: int
-    ) -> asyncio.Future[Any | None]:
+    ) -> asyncio.Future[t.Command | None]:
         """The car has the command; None if the ack is stale (e.g. already terminal).
 
         A re-queued command the car says it has (its Hello) is back on the wire: it gets a
         new result deadline, `result_timeout_ms` from now.
         """
 
-        def op(txn: Any) -> Any | None:
-            command = self._load(txn, command_id)
-            if command is None or command.status not in (t.DELIVERED, t.QUEUED):
-                return None
-            if command.attempt == 0:
-                return None  # an ack for something we never sent: ignore
-            deadline = (
-                now_ms + result_timeout_ms
-                if command.status == t.QUEUED  # re-queued: on the wire again only now
-                else command.result_deadline_ms
-            )
-            self._update(txn, command, t.ACKED, now_ms, result_deadline_ms=deadline)
-            return command
+        ack = partial(lifecycle.ack, now_ms=now_ms, result_timeout_ms=result_timeout_ms)
+
+        def op(txn: Any) -> t.Command | None:
+            return self._change(txn, command_id, ack)
 
         return self._writer.submit(op)
 
@@ -595,94 +510,79 @@ class Store:
         message: str,
         detail: bytes,
         now_ms: int,
-    ) -> asyncio.Future[Any | None]:
+    ) -> asyncio.Future[t.Command | None]:
         """The car's outcome. A late result refines UNKNOWN; other terminals are final.
 
         None when the result is stale, unknown, or from a car the command is not for.
         """
+        result = partial(
+            lifecycle.result,
+            vehicle_id=vehicle_id,
+            success=success,
+            message=message,
+            detail=detail,
+            now_ms=now_ms,
+        )
 
-        def op(txn: Any) -> Any | None:
-            command = self._load(txn, command_id)
-            if command is None or command.attempt == 0 or command.vehicle_id != vehicle_id:
-                return None
-            if command.status in TERMINAL and command.status != t.UNKNOWN:
-                return None
-            reason = (
-                "result arrived after the result timeout" if command.status == t.UNKNOWN else ""
-            )
-            self._update(
-                txn,
-                command,
-                t.SUCCEEDED if success else t.FAILED,
-                now_ms,
-                result_message=message,
-                result_detail=detail,
-                status_reason=reason,
-            )
-            return command
+        def op(txn: Any) -> t.Command | None:
+            return self._change(txn, command_id, result)
 
         return self._writer.submit(op)
 
-    def requeue(self, command_ids: Sequence[str], *, now_ms: int) -> asyncio.Future[list[Any]]:
+    def requeue(
+        self, command_ids: Sequence[str], *, now_ms: int
+    ) -> asyncio.Future[list[t.Command]]:
         """The car went away: commands sent but not acked wait for it again (attempt kept,
         result deadline cleared: they are re-sent, with a new one, when it is back)."""
+        requeue = partial(lifecycle.requeue, now_ms=now_ms)
 
-        def op(txn: Any) -> list[Any]:
+        def op(txn: Any) -> list[t.Command]:
             changed = []
             for command_id in command_ids:
-                command = self._load(txn, command_id)
-                if command is not None and command.status in (t.ACCEPTED, t.DELIVERED):
-                    self._update(txn, command, t.QUEUED, now_ms, result_deadline_ms=0)
+                command = self._change(txn, command_id, requeue)
+                if command is not None:
                     changed.append(command)
             return changed
 
         return self._writer.submit(op)
 
-    def abandon(self, command_ids: Sequence[str], *, now_ms: int) -> asyncio.Future[list[Any]]:
+    def abandon(
+        self, command_ids: Sequence[str], *, now_ms: int
+    ) -> asyncio.Future[list[t.Command]]:
         """Commands whose sender gave up before they were durable: never to be sent.
 
         They end CANCELED and their idempotency keys are released, so the sender's retry
         with the same key creates the command afresh instead of finding this one.
         """
+        abandon = partial(lifecycle.abandon, now_ms=now_ms)
 
-        def op(txn: Any) -> list[Any]:
+        def op(txn: Any) -> list[t.Command]:
             changed = []
             for command_id in command_ids:
-                command = self._load(txn, command_id)
-                if command is None or command.status in TERMINAL:
-                    continue
-                self._update(
-                    txn,
-                    command,
-                    t.CANCELED,
-                    now_ms,
-                    status_reason="not accepted: it became durable only after its sender's "
-                    "deadline; never sent",
-                )
-                self._release_idempotency_key(txn, command)
-                changed.append(command)
+                command = self._change(txn, command_id, abandon)
+                if command is not None:
+                    self._release_idempotency_key(txn, command)
+                    changed.append(command)
             return changed
 
         return self._writer.submit(op)
 
-    def cancel(self, command_id: str, *, now_ms: int) -> asyncio.Future[Any]:
-        def op(txn: Any) -> Any:
+    def cancel(self, command_id: str, *, now_ms: int) -> asyncio.Future[t.Command]:
+        """Cancel a command not yet sent; NotFound, or FailedPrecondition once sent."""
+        cancel = partial(lifecycle.cancel, now_ms=now_ms)
+
+        def op(txn: Any) -> t.Command:
             command = self._load(txn, command_id)
             if command is None:
                 raise NotFound(f"no command {command_id!r}")
-            if not _never_sent(command):
-                raise FailedPrecondition(
-                    f"command {command_id} is {t.CommandStatus.Name(command.status)}; "
-                    "only a command not yet delivered can be canceled"
-                )
-            self._update(txn, command, t.CANCELED, now_ms, status_reason="canceled by request")
+            self._apply(txn, command, cancel)
             return command
 
         return self._writer.submit(op)
 
     def fire_timers(
         self, *, now_ms: int, limit: int = 1000
-    ) -> asyncio.Future[tuple[list[Any], int]]:
+    ) -> asyncio.Future[tuple[list[t.Command], int]]:
         """Expire, time out and purge what is due: `(changed commands, timers due)`;
         fewer than `limit` due means nothing due is left.
 
@@ -692,7 +592,10 @@ class Store:
         retention (`_reclaim`).
         """
 
-        def op(txn: Any) -> tuple[list[Any], int]:
+        def settle(command: t.Command) -> bool:
+            return lifecycle.timer_due(command, now_ms=now_ms) is lifecycle.Due.SETTLED
+
+        def op(txn: Any) -> tuple[list[t.Command], int]:
             changed = []
             due: list[tuple[bytes, int, str]] = []
             unreadable: list[bytes] = []
@@ -714,37 +617,12 @@ class Store:
                 if command is None or self._timer_at(command) != at_ms:
                     txn.delete(key, db=self._timers)
                     if command is not None:
-                        timer = codec.timer_key(self._timer_at(command), command_id)
-                        txn.put(timer, b"", db=self._timers)
-                elif command.status in TERMINAL:
+                        txn.put(self._timer_key(command), b"", db=self._timers)
+                elif self._apply(txn, command, settle):  # EXPIRED or UNKNOWN
+                    changed.append(command)
+                else:  # terminal, and its retention is over
                     self._purge(txn, command)
-                elif command.status in ON_THE_WIRE:
-                    self._update(
-                        txn,
-                        command,
-                        t.UNKNOWN,
-                        now_ms,
-                        status_reason="delivered, but no result before the result timeout; "
-                        "it may have been executed",
-                    )
-                    changed.append(command)
-                elif command.attempt == 0:
-                    self._update(
-                        txn, command, t.EXPIRED, now_ms, status_reason="expired before delivery"
-                    )
-                    changed.append(command)
-                else:
-                    self._update(
-                        txn,
-                        command,
-                        t.UNKNOWN,
-                        now_ms,
-                        status_reason=f"sent (attempt {command.attempt}) but its car went "
-                        "away before confirming it, and it expired before the car was back; "
-                        "it may have been executed",
-                    )
-                    changed.append(command)
-            if self.room_bytes < self._reserve_bytes:
+            if self._room_bytes < self._reserve_bytes:
                 self._reclaim(txn, now_ms)
             return changed, len(due)
 
@@ -775,8 +653,8 @@ class Store:
                 continue
             if command.updated_at_ms + RECLAIM_MIN_AGE_MS > now_ms:
                 continue  # its caller may still be reading the outcome
-            if command.idempotency_key and (
-                command.created_at_ms + self._idempotency_window_ms > now_ms
+            if command.idempotency_key and lifecycle.in_idempotency_window(
+                command, now_ms=now_ms, window_ms=self._idempotency_window_ms
             ):
                 continue
             self._purge(txn, command)
@@ -787,23 +665,24 @@ class Store:
         """After a start: anything that was on the wire is QUEUED again (sessions did not
         survive the restart). Returns how many commands are pending; nothing is loaded
         into memory (cars get theirs from `load_pending` when they connect)."""
+        recover = partial(lifecycle.recover, now_ms=now_ms)
 
         def op(txn: Any) -> int:
             with txn.cursor(db=self._pending) as cursor:
                 ids = [value.decode() for value in cursor.iternext(keys=False, values=True)]
             for command_id in ids:
-                command = self._load(txn, command_id)
-                if command is not None and command.status in (t.ACCEPTED, t.DELIVERED):
-                    self._update(txn, command, t.QUEUED, now_ms, result_deadline_ms=0)
+                self._change(txn, command_id, recover)
             return len(ids)
 
         return self._writer.submit(op)
 
-    def load_pending(self, vehicle_ids: Sequence[str]) -> asyncio.Future[dict[str, list[Any]]]:
+    def load_pending(
+        self, vehicle_ids: Sequence[str]
+    ) -> asyncio.Future[dict[str, list[t.Command]]]:
         """Each vehicle's non-terminal commands, in dispatch order (lane, then FIFO)."""
 
-        def op(txn: Any) -> dict[str, list[Any]]:
-            out: dict[str, list[Any]] = {}
+        def op(txn: Any) -> dict[str, list[t.Command]]:
+            out: dict[str, list[t.Command]] = {}
             with txn.cursor(db=self._pending) as cursor:
                 for vehicle_id in vehicle_ids:
                     prefix = codec.vehicle_prefix(vehicle_id)
@@ -822,8 +701,8 @@ class Store:
 
         return self._writer.submit(op)
 
-    def get(self, command_id: str) -> asyncio.Future[Any]:
-        def op(txn: Any) -> Any:
+    def get(self, command_id: str) -> asyncio.Future[t.Command]:
+        def op(txn: Any) -> t.Command:
             command = self._load(txn, command_id)
             if command is None:
                 raise NotFound(f"no command {command_id!r}")
@@ -831,13 +710,13 @@ class Store:
 
         return self._writer.submit(op)
 
-    def list_vehicle(self, vehicle_id: str, *, limit: int) -> asyncio.Future[list[Any]]:
+    def list_vehicle(self, vehicle_id: str, *, limit: int) -> asyncio.Future[list[t.Command]]:
         """A vehicle's commands, newest first."""
         prefix = codec.vehicle_prefix(vehicle_id)
         after = prefix[:-1] + b"\x01"
 
-        def op(txn: Any) -> list[Any]:
-            out: list[Any] = []
+        def op(txn: Any) -> list[t.Command]:
+            out: list[t.Command] = []
             with txn.cursor(db=self._by_vehicle) as cursor:
                 positioned = cursor.prev() if cursor.set_range(after) else cursor.last()
                 while positioned and len(out) < limit:
@@ -854,7 +733,7 @@ class Store:
 
     # -- vehicle state -------------------------------------------------------------------
 
-    def put_states(self, states: Sequence[Any]) -> asyncio.Future[None]:
+    def put_states(self, states: Sequence[svc.VehicleState]) -> asyncio.Future[None]:
         blobs = [(s.vehicle_id.encode(), s.SerializeToString()) for s in states]
 
         def op(txn: Any) -> None:
@@ -863,8 +742,8 @@ class Store:
 
         return self._writer.submit(op)
 
-    def get_state(self, vehicle_id: str) -> asyncio.Future[Any | None]:
-        def op(txn: Any) -> Any | None:
+    def get_state(self, vehicle_id: str) -> asyncio.Future[svc.VehicleState | None]:
+        def op(txn: Any) -> svc.VehicleState | None:
             blob = txn.get(vehicle_id.encode(), db=self._states)
             return None if blob is None else svc.VehicleState.FromString(blob)
 
@@ -872,7 +751,7 @@ class Store:
 
     # -- record helpers (writer thread only) ------------------------------------------------
 
-    def _load(self, txn: Any, command_id: str, *, with_payload: bool = True) -> Any | None:
+    def _load(self, txn: Any, command_id: str, *, with_payload: bool = True) -> t.Command | None:
         key = command_id.encode()
         blob = txn.get(key, db=self._commands)
         if blob is None:
@@ -884,7 +763,7 @@ class Store:
                 command.payload = payload
         return command
 
-    def _save(self, txn: Any, command: Any) -> None:
+    def _save(self, txn: Any, command: t.Command) -> None:
         """Write the record; a large payload goes to `payloads` once (on the first save,
         or the first of a record written inline by an older version) and is left out."""
         key = command.command_id.encode()
@@ -899,45 +778,52 @@ class Store:
             blob = command.SerializeToString()
         txn.put(key, blob, db=self._commands)
 
-    def _timer_at(self, command: Any) -> int:
-        if command.status in TERMINAL:
-            return int(command.updated_at_ms + self._retention_ms)
-        if command.status in ON_THE_WIRE:
-            return int(command.result_deadline_ms)
-        return int(command.expires_at_ms)
+    def _timer_at(self, command: t.Command) -> int:
+        return lifecycle.timer_at(command, self._retention_ms)
 
-    def _update(self, txn: Any, command: Any, status: int, now_ms: int, **fields: Any) -> None:
-        """Move `command` to `status` (in place), keeping its timer in step."""
-        old_timer = codec.timer_key(self._timer_at(command), command.command_id)
+    def _timer_key(self, command: t.Command) -> bytes:
+        return codec.timer_key(self._timer_at(command), command.command_id)
+
+    def _change(
+        self, txn: Any, command_id: str, rule: Callable[[t.Command], bool]
+    ) -> t.Command | None:
+        """Load a command and `_apply` a rule to it: the changed record, or None (there is
+        no such command, or the rule refused the change)."""
+        command = self._load(txn, command_id)
+        return command if command is not None and self._apply(txn, command, rule) else None
+
+    def _apply(self, txn: Any, command: t.Command, rule: Callable[[t.Command], bool]) -> bool:
+        """Apply a lifecycle rule to `command` (in place) and write the change, keeping its
+        timer and pending entries in step. False, and nothing written, if it refused."""
+        old_timer = self._timer_key(command)
         was_pending = command.status not in TERMINAL
-        command.status = status
-        command.updated_at_ms = now_ms
-        self._stamp(now_ms)
-        for name, value in fields.items():
-            setattr(command, name, value)
-        if status in TERMINAL and was_pending:
+        if not rule(command):
+            return False
+        self._stamp(command.updated_at_ms)
+        if was_pending and command.status in TERMINAL:
             txn.delete(_pending_key(command), db=self._pending)
-        new_timer = codec.timer_key(self._timer_at(command), command.command_id)
+        new_timer = self._timer_key(command)
         if new_timer != old_timer:
             txn.delete(old_timer, db=self._timers)
             txn.put(new_timer, b"", db=self._timers)
         self._save(txn, command)
+        return True
 
     def _stamp(self, now_ms: int) -> None:
         self._stamp_due = True
         if now_ms > self._stamp_ms:
             self._stamp_ms = now_ms
 
-    def _release_idempotency_key(self, txn: Any, command: Any) -> None:
+    def _release_idempotency_key(self, txn: Any, command: t.Command) -> None:
         if command.idempotency_key:
             key = _idem_key(command.idempotency_scope, command.idempotency_key)
             if txn.get(key, db=self._idem) == command.command_id.encode():
                 txn.delete(key, db=self._idem)
 
-    def _purge(self, txn: Any, command: Any) -> None:
+    def _purge(self, txn: Any, command: t.Command) -> None:
         """Retention: drop a terminal command and every index entry that names it."""
         command_id = command.command_id.encode()
-        txn.delete(codec.timer_key(self._timer_at(command), command.command_id), db=self._timers)
+        txn.delete(self._timer_key(command), db=self._timers)
         txn.delete(codec.vehicle_key(command.vehicle_id, command.seq), db=self._by_vehicle)
         self._release_idempotency_key(txn, command)
         if command.coalesce_key:

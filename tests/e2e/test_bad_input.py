@@ -10,22 +10,19 @@ import grpc
 import pytest
 
 from broker.sdk.client import BrokerRpcError, build_request
-from broker.sdk.vehicle import VehicleAgent
+from broker.sdk.vehicle import VehicleAgent, succeed
 from broker.security.auth import issue_token
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
-from tests.conftest import SECRET, Running
-
-
-async def _ok(payload: bytes) -> bool:
-    return True
+from tests.conftest import SECRET
+from tests.e2e.harness import Running
 
 
 @pytest.fixture
 async def bystander(running: Running) -> AsyncIterator[VehicleAgent]:
     """A healthy connected car: every test checks it still works afterwards."""
-    agent = running.agent("bystander", handlers={"unlock": _ok})
+    agent = running.agent("bystander", handlers={"unlock": succeed})
     task = asyncio.create_task(agent.run())
     await asyncio.wait_for(agent.connected.wait(), 5)
     yield agent

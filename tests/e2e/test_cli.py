@@ -6,6 +6,7 @@ go to stderr as `error: STATUS_NAME: message` with a non-zero exit code.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -14,8 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pytest
 import broker
 from broker.security.auth import Authenticator, issue_token
 from broker.testing import BrokerProcess, clean_env
-from tests.conftest import SECRET
+from tests.conftest import SECRET, eventually
 
 CLI = [sys.executable, "-m", "broker.cli"]
 TIMEOUT_S = 30
@@ -110,13 +110,6 @@ class Background:
         return self.proc.returncode, stderr
 
 
-def wait_for(predicate: Callable[[], object], timeout_s: float = 15, what: str = "it") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An --insecure-dev broker with two simulated cars, car-0 and car-1; its target."""
@@ -131,9 +124,12 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
         assert sim.line().startswith("vehicle-sim: 2 cars against")
         for car in ("car-0", "car-1"):
-            wait_for(
-                lambda car=car: ok("state", car, "--target", target)[0]["connected"],
-                what=f"{car} to connect",
+            asyncio.run(
+                eventually(
+                    lambda car=car: ok("state", car, "--target", target)[0]["connected"],
+                    timeout_s=15,
+                    what=f"{car} connected",
+                )
             )
         yield target
     finally:
@@ -375,24 +371,36 @@ def test_watch_streams_status_changes(dev: str) -> None:
     watcher = Background(
         "watch", "--vehicle", "car-1", "--vehicle", "probe", "--json", "--target", dev
     )
+    lines: list[str] = []
+
+    def car_1_events() -> list[dict[str, Any]]:
+        while watcher.peek():
+            lines.append(watcher.line())
+        return [e for e in map(json.loads, lines) if e["vehicle_id"] == "car-1"]
+
     try:
-        wait_for(
-            lambda: ok("send", "probe", "horn", "--target", dev) and watcher.peek(),
-            what="the watch stream to open",
+        asyncio.run(
+            eventually(
+                lambda: ok("send", "probe", "horn", "--target", dev) and watcher.peek(),
+                timeout_s=15,
+                what="the watch stream open",
+            )
         )
         (done,) = ok(
             "send", "car-1", "lock", "--wait", "result", "--timeout", "10", "--target", dev
         )
-        seen = []
-        while not seen or seen[-1] != "SUCCEEDED":
-            event = json.loads(watcher.line())
-            if event["vehicle_id"] == "car-1":
-                assert event["command_id"] == done["command_id"]
-                seen.append(event["status"])
+        events = asyncio.run(
+            eventually(
+                car_1_events,
+                lambda events: events[-1]["status"] == "SUCCEEDED",
+                what="car-1's SUCCEEDED on the watch",
+            )
+        )
     finally:
         watcher.stop()
+    assert {e["command_id"] for e in events} == {done["command_id"]}
     # A simulated car answers at once, so its result is its ack (no separate ACKED).
-    assert seen[-2:] == ["DELIVERED", "SUCCEEDED"]
+    assert [e["status"] for e in events][-2:] == ["DELIVERED", "SUCCEEDED"]
 
 
 def test_state_tells_connected_from_last_seen(dev: str) -> None:
@@ -405,17 +413,24 @@ def test_state_tells_connected_from_last_seen(dev: str) -> None:
     sim = Background("vehicle-sim", "--vehicles", "1", "--id-prefix", "gone-", "--target", dev)
     try:
         assert sim.line().startswith("vehicle-sim: 1 cars")
-        wait_for(
-            lambda: ok("state", "gone-0", "--target", dev)[0]["connected"], what="gone-0 to connect"
+        asyncio.run(
+            eventually(
+                lambda: ok("state", "gone-0", "--target", dev)[0]["connected"],
+                timeout_s=15,
+                what="gone-0 connected",
+            )
         )
     finally:
         code, stderr = sim.stop()
     assert code == 0, stderr
-    wait_for(
-        lambda: not ok("state", "gone-0", "--target", dev)[0]["connected"],
-        what="gone-0 to disconnect",
+    (gone,) = asyncio.run(
+        eventually(
+            lambda: ok("state", "gone-0", "--target", dev),
+            lambda states: not states[0]["connected"],
+            timeout_s=15,
+            what="gone-0 disconnected",
+        )
     )
-    (gone,) = ok("state", "gone-0", "--target", dev)
     assert gone["last_seen_ms"] > 0 and gone["connected_since_ms"] == 0
     text = run("state", "gone-0", "--target", dev)
     assert "gone-0: NOT connected; last seen at" in text.stdout

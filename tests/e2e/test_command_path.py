@@ -14,15 +14,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from broker.config import DEFAULT_COMMANDS, CommandPolicy
 from broker.sdk.client import BrokerRpcError, SyncBrokerClient, build_request
-from broker.sdk.vehicle import VehicleAgent
+from broker.sdk.vehicle import VehicleAgent, succeed
 from broker.v1 import types_pb2 as t
-from tests.conftest import Running
+from tests.conftest import eventually
+from tests.e2e.harness import Running, status_reached
 
 FAST_TIMERS = {"sweep_interval_s": 0.05}
-
-
-async def _ok(payload: bytes) -> bool:
-    return True
 
 
 @pytest.fixture
@@ -34,16 +31,6 @@ def online(running: Running, cars: Callable[..., Any]) -> Callable[..., Any]:
         return agent
 
     return connect
-
-
-async def _status_of(running: Running, command_id: str, wanted: int, timeout_s: float = 5) -> Any:
-    client = running.client()
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        command = await client.get_command(command_id)
-        if command.status == wanted or asyncio.get_running_loop().time() > deadline:
-            return command
-        await asyncio.sleep(0.02)
 
 
 async def test_online_unlock_round_trip_succeeds(running: Running, online: Any) -> None:
@@ -65,7 +52,7 @@ async def test_offline_car_gets_queued_command_on_connect(running: Running, onli
     assert reply.command.status == t.QUEUED
     assert reply.wait_timed_out  # a sleeping car is an answer, not an error
     agent = await online("car-2")
-    done = await _status_of(running, reply.command.command_id, t.SUCCEEDED)
+    done = await status_reached(client, reply.command.command_id, t.SUCCEEDED)
     assert done.status == t.SUCCEEDED
     assert agent.executed == [reply.command.command_id]
 
@@ -77,13 +64,13 @@ async def test_ttl_passing_while_offline_expires_and_is_never_delivered(
     client = running.client()
     reply = await client.send_command("car-3", "unlock", ttl_s=0.2)
     assert reply.command.status == t.QUEUED
-    expired = await _status_of(running, reply.command.command_id, t.EXPIRED)
+    expired = await status_reached(client, reply.command.command_id, t.EXPIRED)
     assert expired.status == t.EXPIRED
     assert expired.attempt == 0
-    agent = running.agent("car-3", handlers={"unlock": _ok})
+    agent = running.agent("car-3", handlers={"unlock": succeed})
     task = asyncio.create_task(agent.run())
     await asyncio.wait_for(agent.connected.wait(), 5)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a negative: no sign to wait for that it will never be sent
     assert agent.executed == []
     assert (await client.get_command(reply.command.command_id)).status == t.EXPIRED
     task.cancel()
@@ -116,7 +103,7 @@ async def test_cancel_before_delivery(running: Running, online: Any) -> None:
     canceled = await client.cancel_command(reply.command.command_id)
     assert canceled.status == t.CANCELED
     agent = await online("car-6")
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a negative: no sign to wait for that it will never be sent
     assert agent.executed == []
     with pytest.raises(BrokerRpcError) as info:
         await client.cancel_command(reply.command.command_id)
@@ -142,7 +129,7 @@ async def test_coalescing_executes_only_the_last(running: Running, online: Any) 
         return True
 
     agent = await online("car-7", handlers={"climate": climate})
-    assert (await _status_of(running, sent[-1], t.SUCCEEDED)).status == t.SUCCEEDED
+    assert (await status_reached(client, sent[-1], t.SUCCEEDED)).status == t.SUCCEEDED
     assert agent.executed == [sent[-1]]
     assert seen == [b'{"temperature_c": 23}']
 
@@ -152,10 +139,12 @@ async def test_priority_then_fifo_per_vehicle(start_broker: Callable[..., Any]) 
     client = running.client()
     order = [("climate", None), ("data_request", None), ("unlock", None), ("climate", None)]
     ids = [(await client.send_command("car-8", name)).command.command_id for name, _ in order]
-    agent = running.agent("car-8", handlers={"climate": _ok, "data_request": _ok, "unlock": _ok})
+    agent = running.agent(
+        "car-8", handlers={"climate": succeed, "data_request": succeed, "unlock": succeed}
+    )
     task = asyncio.create_task(agent.run())
     for command_id in ids:
-        await _status_of(running, command_id, t.SUCCEEDED)
+        await status_reached(client, command_id, t.SUCCEEDED)
     # critical first, then interactive in FIFO order, bulk last
     assert agent.executed == [ids[2], ids[0], ids[3], ids[1]]
     task.cancel()
@@ -166,7 +155,7 @@ async def test_second_connection_replaces_the_first(running: Running, online: An
     first_session = first.session_id
     second = await online("car-9")
     assert second.session_id != first_session
-    await asyncio.sleep(0.2)
+    await eventually(lambda: first.last_error is not None, what="the first stream's end")
     assert first.last_error is not None
     assert first.last_error.code() == grpc.StatusCode.ABORTED
     assert "replaced" in (first.last_error.details() or "")
@@ -196,7 +185,7 @@ async def test_no_result_before_result_timeout_is_unknown(
     assert "may have been executed" in reply.command.status_reason
     assert reply.command.attempt == 1  # never retried blindly
     release.set()  # a late result refines UNKNOWN into the truth
-    late = await _status_of(running, reply.command.command_id, t.SUCCEEDED)
+    late = await status_reached(running.client(), reply.command.command_id, t.SUCCEEDED)
     assert late.status == t.SUCCEEDED
     assert agent.executed == [reply.command.command_id]
     task.cancel()
@@ -206,7 +195,7 @@ async def test_unacked_commands_are_resent_with_next_attempt(running: Running, o
     """A car that drops the stream before acking gets the command again, attempt 2."""
     client = running.client()
     reply = await client.send_command("car-11", "unlock")
-    agent = running.agent("car-11", handlers={"unlock": _ok})
+    agent = running.agent("car-11", handlers={"unlock": succeed})
     # Connect by hand, read the command, then vanish without acking.
     connect = agent._channel.stream_stream(
         "/broker.v1.VehicleLink/Connect",
@@ -221,9 +210,9 @@ async def test_unacked_commands_are_resent_with_next_attempt(running: Running, o
     assert frames[1].command.command_id == reply.command.command_id
     assert frames[1].command.attempt == 1
     call.cancel()
-    await asyncio.sleep(0.1)
+    await status_reached(client, reply.command.command_id, t.QUEUED)  # the loss is seen
     agent_task = asyncio.create_task(agent.run())
-    done = await _status_of(running, reply.command.command_id, t.SUCCEEDED)
+    done = await status_reached(client, reply.command.command_id, t.SUCCEEDED)
     assert done.status == t.SUCCEEDED
     assert done.attempt == 2
     agent_task.cancel()
@@ -240,7 +229,7 @@ async def test_watch_commands_streams_every_status(running: Running, online: Any
                 return
 
     watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0.1)
+    await eventually(lambda: running.broker.events.watcher_count, what="the watch registered")
     await online("car-12")
     await client.send_command("car-12", "unlock")
     await asyncio.wait_for(watcher, 5)
@@ -260,7 +249,7 @@ async def test_car_acks_only_commands_whose_result_is_not_ready_at_once(
         await release.wait()
         return True
 
-    await online("car-16", handlers={"unlock": _ok, "climate": slow}, ack_delay_s=0.05)
+    await online("car-16", handlers={"unlock": succeed, "climate": slow}, ack_delay_s=0.05)
     seen: dict[str, list[int]] = {}
 
     async def watch() -> None:
@@ -268,16 +257,16 @@ async def test_car_acks_only_commands_whose_result_is_not_ready_at_once(
             seen.setdefault(command.command_id, []).append(command.status)
 
     watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0.1)
+    await eventually(lambda: running.broker.events.watcher_count, what="the watch registered")
     quick = await client.send_command("car-16", "unlock", wait="result", timeout_s=5)
     slow_sent = await client.send_command("car-16", "climate")
-    acked = await _status_of(running, slow_sent.command.command_id, t.ACKED)
+    acked = await status_reached(client, slow_sent.command.command_id, t.ACKED)
     release.set()
-    done = await _status_of(running, slow_sent.command.command_id, t.SUCCEEDED)
-    for _ in range(200):  # the watch stream may trail the store by a moment
-        if seen.get(slow_sent.command.command_id, [])[-1:] == [t.SUCCEEDED]:
-            break
-        await asyncio.sleep(0.01)
+    done = await status_reached(client, slow_sent.command.command_id, t.SUCCEEDED)
+    await eventually(  # the watch stream may trail the store by a moment
+        lambda: seen.get(slow_sent.command.command_id, [])[-1:] == [t.SUCCEEDED],
+        what="the watch stream showing SUCCEEDED",
+    )
     watcher.cancel()
     await asyncio.gather(watcher, return_exceptions=True)
     assert quick.command.status == t.SUCCEEDED
@@ -291,14 +280,20 @@ async def test_vehicle_state_is_never_stale_as_current(running: Running, online:
     agent = await online("car-13")
     await agent.report_state({"locked": True, "lat": 48.1})
     client = running.client()
-    await asyncio.sleep(0.1)
-    state = await client.get_vehicle_state("car-13")
+    state = await eventually(
+        lambda: client.get_vehicle_state("car-13"),
+        lambda state: "locked" in state.fields and "lat" in state.fields,
+        what="the reported state",
+    )
     assert state.connected and state.connected_since_ms > 0
     assert state.fields["locked"].value.flag is True
     assert state.fields["lat"].reported_at_ms > 0
     await agent.stop()
-    await asyncio.sleep(0.2)
-    state = await client.get_vehicle_state("car-13")
+    state = await eventually(
+        lambda: client.get_vehicle_state("car-13"),
+        lambda state: not state.connected,
+        what="car-13 shown as disconnected",
+    )
     assert not state.connected
     assert state.connected_since_ms == 0
     assert state.last_seen_ms > 0

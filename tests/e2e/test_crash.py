@@ -21,14 +21,14 @@ from typing import Any
 
 import grpc
 
+from broker.core.lifecycle import TERMINAL
 from broker.sdk.client import BrokerClient, BrokerRpcError
 from broker.sdk.vehicle import VehicleAgent
 from broker.security.auth import issue_token
-from broker.storage.lmdb_store import TERMINAL
 from broker.testing import BrokerProcess
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
-from tests.conftest import SECRET
+from tests.conftest import SECRET, eventually
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -103,15 +103,21 @@ async def commands_of(client: BrokerClient, vehicle_ids: Iterable[str]) -> dict[
 async def wait_terminal(
     client: BrokerClient, vehicle_ids: Iterable[str], ids: Iterable[str], timeout_s: float
 ) -> dict[str, Any]:
-    """Poll until every command in `ids` is terminal (or the time is up); their records."""
+    """Every stored command of these vehicles, once each of `ids` is terminal."""
     vehicle_ids, wanted = list(vehicle_ids), set(ids)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stored = await commands_of(client, vehicle_ids)
+
+    def all_terminal(stored: dict[str, Any]) -> bool:
         done = all(cid in stored and stored[cid].status in TERMINAL for cid in wanted)
-        if done or time.monotonic() > deadline:
-            return stored
-        await asyncio.sleep(0.1)
+        assert done, status_counts(stored, wanted)  # what `eventually` shows if it times out
+        return done
+
+    return await eventually(
+        lambda: commands_of(client, vehicle_ids),
+        all_terminal,
+        timeout_s=timeout_s,
+        interval_s=0.1,
+        what=f"{len(wanted)} commands terminal",
+    )
 
 
 def status_counts(stored: Mapping[str, Any], ids: Iterable[str]) -> dict[str, int]:
@@ -121,6 +127,12 @@ def status_counts(stored: Mapping[str, Any], ids: Iterable[str]) -> dict[str, in
             t.CommandStatus.Name(stored[c].status) if c in stored else "MISSING" for c in ids
         )
     )
+
+
+async def _counts_of(
+    client: BrokerClient, vehicle_ids: Iterable[str], ids: Iterable[str]
+) -> dict[str, int]:
+    return status_counts(await commands_of(client, vehicle_ids), ids)
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -216,7 +228,8 @@ async def test_commands_whose_ttl_passes_while_down_expire_and_never_run(
     short_ids = {r.command.command_id for r in short}
     long_ids = {r.command.command_id for r in long}
     latest_expiry_s = max(r.command.expires_at_ms for r in short) / 1000
-    await asyncio.sleep(max(0.0, latest_expiry_s - time.time()) + 0.2)  # expire while down
+    # The TTLs must pass while no broker runs: a duration, with nothing to observe meanwhile.
+    await asyncio.sleep(max(0.0, latest_expiry_s - time.time()) + 0.2)
 
     second = spawn()
     async with service_client(second.target) as client:
@@ -262,10 +275,11 @@ async def test_commands_delivered_but_unacked_at_kill_9_are_resent_with_next_att
             assert (await asyncio.wait_for(stream.read(), 5)).HasField("welcome")
             frame = await asyncio.wait_for(stream.read(), 5)
             assert (frame.command.command_id in ids, frame.command.attempt) == (True, 1)
-        deadline = time.monotonic() + 10
-        while status_counts(await commands_of(client, vehicles), ids) != {"DELIVERED": len(ids)}:
-            assert time.monotonic() < deadline, "deliveries were never recorded"
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: _counts_of(client, vehicles, ids),
+            lambda counts: counts == {"DELIVERED": len(ids)},
+            what="every delivery recorded",
+        )
         first.kill()
         for stream in streams:
             stream.cancel()
@@ -303,10 +317,11 @@ async def test_commands_in_flight_at_kill_9_finish_once_after_restart(
         await fleet.connect()
         sent = [await client.send_command(v, "unlock", ttl_s=3600) for v in vehicles]
         ids = {r.command.command_id for r in sent}
-        deadline = time.monotonic() + 10
-        while status_counts(await commands_of(client, vehicles), ids) != {"ACKED": len(ids)}:
-            assert time.monotonic() < deadline, "the cars never acked"
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: _counts_of(client, vehicles, ids),
+            lambda counts: counts == {"ACKED": len(ids)},
+            what="every car's ack recorded",
+        )
         first.kill()  # delivered and acked, result not yet recorded
         release.set()  # the cars finish; their results have no stream to go to
         second = spawn(port=first.port, args=["--config", str(config)])

@@ -21,20 +21,18 @@ from broker.config import DEFAULT_COMMANDS, CommandPolicy
 from broker.core import clock
 from broker.core.errors import StoreUnavailable
 from broker.sdk.client import BrokerClient, BrokerRpcError
+from broker.sdk.vehicle import succeed
 from broker.security.auth import issue_token
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 from broker.wire import pushback_ms
-from tests.conftest import SECRET, Running, eventually
+from tests.conftest import SECRET, eventually
+from tests.e2e.harness import Running, status_reached
 
 #: unlock with a 3 s result timeout, so a stale deadline would show within the test
 QUICK_RESULTS = MappingProxyType(
     {**DEFAULT_COMMANDS, "unlock": CommandPolicy(t.CRITICAL, ttl_s=60, result_timeout_s=3.0)}
 )
-
-
-async def _ok(payload: bytes) -> bool:
-    return True
 
 
 class RawCar:
@@ -64,15 +62,6 @@ class RawCar:
         await self.channel.close()
 
 
-async def _status(client: BrokerClient, command_id: str, wanted: int, **kw: Any) -> Any:
-    return await eventually(
-        lambda: client.get_command(command_id),
-        lambda c: c.status == wanted,
-        what=f"{command_id} reaching {t.CommandStatus.Name(wanted)}",
-        **kw,
-    )
-
-
 # -- a lost stream: re-queued, re-sent with a new deadline, run once ---------------------------
 
 
@@ -85,15 +74,15 @@ async def test_a_requeued_command_is_resent_when_its_car_returns_not_timed_out(
     await raw.hello()
     reply = await client.send_command("car-1", "unlock")
     command_id = reply.command.command_id
-    await _status(client, command_id, t.DELIVERED)
+    await status_reached(client, command_id, t.DELIVERED)
     await raw.close()  # the link is gone before the car read the command
-    await _status(client, command_id, t.QUEUED)
+    await status_reached(client, command_id, t.QUEUED)
     # Past the first attempt's 3 s result deadline, with 60 s of TTL left: still queued.
-    await asyncio.sleep(3.5)
+    await asyncio.sleep(3.5)  # a negative: the deadline must pass with nothing happening
     command = await client.get_command(command_id)
     assert (command.status, command.result_deadline_ms) == (t.QUEUED, 0)
     agent = await cars(running, "car-1")
-    done = await _status(client, command_id, t.SUCCEEDED)
+    done = await status_reached(client, command_id, t.SUCCEEDED)
     assert done.attempt == 2
     assert agent.executed == [command_id]
 
@@ -122,10 +111,11 @@ async def test_a_car_that_goes_silent_is_seen_gone_and_one_that_heartbeats_is_no
         timeout_s=5,
         what="the silent car shown as disconnected",
     )
-    assert running.broker.dead_links >= 1
+    assert running.broker.liveness.dead_links >= 1
     reply = await client.send_command("car-silent", "unlock")
     assert reply.command.status == t.QUEUED  # waits for the car, not for a dead stream
-    await asyncio.sleep(4.5)  # two liveness timeouts of an idle, heartbeating car
+    # A negative: two liveness timeouts of an idle, heartbeating car pass without a drop.
+    await asyncio.sleep(4.5)
     assert (await client.get_vehicle_state("car-alive")).connected
     assert agent.connects == 1
     assert (await client.get_vehicle_state("car-old")).connected
@@ -164,12 +154,27 @@ async def test_a_wall_clock_step_back_does_not_make_a_command_run_late(
     client = running.client()
     reply = await client.send_command("car-1", "unlock", ttl_s=2)
     wall.step(-30)
-    expired = await _status(client, reply.command.command_id, t.EXPIRED, timeout_s=5)
+    expired = await status_reached(client, reply.command.command_id, t.EXPIRED, timeout_s=5)
     assert expired.expires_at_ms - expired.created_at_ms == 2000
     assert expired.updated_at_ms - expired.created_at_ms < 3000  # by steady time
     agent = await cars(running, "car-1")
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a negative: no sign to wait for that it will never be sent
     assert agent.executed == []
+
+
+def _count_sweeps(running: Running) -> Callable[[], int]:
+    """A probe of how many timer sweeps the broker finished since it was made."""
+    dispatcher = running.broker.dispatcher
+    fire_timers = dispatcher.fire_timers
+    finished = [0]
+
+    async def counting() -> int:
+        changed = await fire_timers()
+        finished[0] += 1
+        return changed
+
+    dispatcher.fire_timers = counting  # type: ignore[method-assign]
+    return lambda: finished[0]
 
 
 async def test_a_wall_clock_step_forward_expires_nothing_and_keeps_idempotency(
@@ -179,7 +184,8 @@ async def test_a_wall_clock_step_forward_expires_nothing_and_keeps_idempotency(
     client = running.client()
     first = await client.send_command("car-1", "climate", ttl_s=60, idempotency_key="k-1")
     wall.step(25 * 3600)
-    await asyncio.sleep(0.5)  # ten sweeps
+    sweeps = _count_sweeps(running)  # each one counted starts after the step
+    await eventually(sweeps, lambda n: n >= 10, what="ten timer sweeps after the step")
     assert (await client.get_command(first.command.command_id)).status == t.QUEUED
     again = await client.send_command("car-1", "climate", ttl_s=60, idempotency_key="k-1")
     assert again.deduplicated and again.command.command_id == first.command.command_id
@@ -194,7 +200,7 @@ async def test_after_a_restart_broker_time_never_goes_behind_what_is_stored(
     await running.broker.stop(0.1)
     stopped_at = clock.now_ms()
     wall.step(-3600)  # set back an hour while the broker was down
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # down for a while: a duration the restart must count
     clock.install(clock.Clock(wall_ns=wall))  # as a new process would start
     restarted = await start_broker(data_dir=tmp_path / "clock")
     # Same boot: it goes on from the stored reference, the half second down counted.
@@ -219,11 +225,7 @@ def _count_creates(running: Running) -> Callable[[], Any]:
         return future
 
     store.create = counting  # type: ignore[method-assign]
-
-    async def probe() -> int:
-        return calls[0]
-
-    return probe
+    return lambda: calls[0]
 
 
 async def _stall(running: Running) -> tuple[threading.Event, Any]:
@@ -251,7 +253,7 @@ async def test_a_command_whose_caller_gave_up_during_a_stall_is_never_written(
     assert refused.value.code == "DEADLINE_EXCEEDED"
     gate.set()
     await blocked
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a negative: no sign to wait for that it is never written
     assert await running.client().list_commands("car-1") == []
     assert agent.executed == []
     await impatient.close()
@@ -283,7 +285,7 @@ async def test_a_command_committed_after_its_callers_deadline_is_abandoned_unsen
     )
     assert "never sent" in command.status_reason
     assert running.broker.dispatcher.abandoned == 1  # counted for metrics
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a negative: no sign to wait for that it is never sent
     assert agent.executed == []
     await impatient.close()
 
@@ -312,7 +314,7 @@ async def test_a_retry_that_finds_an_abandoned_command_is_refused_then_sent_afre
     statuses = {c.command_id: c.status for c in listed}
     [abandoned] = [cid for cid, status in statuses.items() if status == t.CANCELED]
     assert reply.command.command_id != abandoned and len(statuses) == 2
-    await _status(patient, reply.command.command_id, t.SUCCEEDED)
+    await status_reached(patient, reply.command.command_id, t.SUCCEEDED)
     assert agent.executed == [reply.command.command_id]
     await impatient.close()
 
@@ -323,6 +325,8 @@ async def test_a_critical_command_stuck_behind_a_stall_is_refused_and_retried_on
     running = await start_broker(critical_commit_wait_s=0.3)
     client = running.client()
     gate, blocked = await _stall(running)
+    # The stall must outlast the 0.3 s commit bound: a duration (the refusal comes only
+    # when the stalled write ends, so it cannot be waited for first).
     threading.Timer(1.0, gate.set).start()
     reply = await client.send_command("car-1", "unlock")  # the SDK retries the refusal
     await blocked
@@ -401,7 +405,7 @@ async def _fill_drain_recover(
     assert running.broker.store.space_refusals >= 1  # counted for metrics
     assert len(accepted) > 20
     # Parked cars connect to the full store: their queues load and drain completely.
-    agents = [await cars(running, f"car-{i}", handlers={"config": _ok}) for i in range(10)]
+    agents = [await cars(running, f"car-{i}", handlers={"config": succeed}) for i in range(10)]
 
     async def executed() -> list[str]:
         return [command_id for agent in agents for command_id in agent.executed]
@@ -529,14 +533,16 @@ async def test_unlocks_answered_deadline_exceeded_during_an_fsfreeze_never_run(
     try:
         sends = [impatient.send_command("car-1", "unlock") for _ in range(5)]
         outcomes = await asyncio.gather(*sends, return_exceptions=True)
-        await asyncio.sleep(1.5)  # frozen well past every caller's deadline
+        await asyncio.sleep(1.5)  # a duration: frozen well past every caller's deadline
     finally:
         loop_disk.thaw()
     assert all(isinstance(o, BrokerRpcError) and o.code == "DEADLINE_EXCEEDED" for o in outcomes), (
         outcomes
     )
     client = running.client()
-    await asyncio.sleep(1.0)  # the store catches up after the thaw
+    # The store caught up after the thaw: a no-op behind every queued write has committed
+    # (from then on each late command is listed, and `eventually` waits for its abandon).
+    await running.broker.store.writer.submit(lambda txn: None)
     listed = await eventually(
         lambda: client.list_commands("car-1"),
         lambda found: all(c.status == t.CANCELED for c in found),

@@ -9,6 +9,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import eventually
+
 
 async def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     def fetch() -> str:
@@ -39,10 +41,11 @@ async def test_metrics_count_outcomes_queue_depth_and_streams(
     assert samples[("broker_durable_queue_depth", ())] == 3
     assert samples[("broker_vehicle_streams", ())] == 1
     # m-4's (empty) queue is in memory only while it loads; the parked cars' never are.
-    for _ in range(100):
-        if running.broker.dispatcher.queues_in_memory == 0:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: running.broker.dispatcher.queues_in_memory == 0,
+        interval_s=0.01,
+        what="m-4's loaded (empty) queue gone from memory",
+    )
     samples = await _scrape(port)
     assert samples[("broker_durable_queue_in_memory_vehicles", ())] == 0
     assert samples[("broker_command_status_changes_total", (("status", "QUEUED"),))] == 3

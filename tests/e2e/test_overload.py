@@ -11,7 +11,8 @@ import pytest
 
 from broker.sdk.client import BrokerClient, BrokerRpcError
 from broker.v1 import types_pb2 as t
-from tests.conftest import Running
+from tests.conftest import eventually
+from tests.e2e.harness import Running
 
 
 def _client(running: Running, retries: int = 0) -> BrokerClient:
@@ -64,13 +65,10 @@ async def test_sdk_retries_after_the_pushback_and_gets_in(start_broker: Callable
     await plain.send_command("retry-2", "climate")
     retrying = _client(running, retries=3)
 
-    async def drain_soon() -> None:
-        await asyncio.sleep(0.2)
-        await plain.cancel_command(first.command.command_id)
-
-    drain = asyncio.create_task(drain_soon())
-    reply = await retrying.send_command("retry-3", "climate", timeout_s=10)
-    await drain
+    sending = asyncio.create_task(retrying.send_command("retry-3", "climate", timeout_s=10))
+    await eventually(lambda: retrying.pushbacks, what="the send pushed back")
+    await plain.cancel_command(first.command.command_id)  # room for its retry
+    reply = await sending
     assert reply.command.status == t.QUEUED
     assert retrying.pushbacks >= 1
 

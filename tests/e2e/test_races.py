@@ -10,12 +10,13 @@ import grpc
 import pytest
 
 from broker.core.clock import now_ms
+from broker.core.store import NewCommand
 from broker.sdk.client import BrokerRpcError, build_request
 from broker.sdk.vehicle import VehicleAgent
-from broker.storage.lmdb_store import NewCommand
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
-from tests.conftest import Running
+from tests.conftest import eventually
+from tests.e2e.harness import Running, settled
 
 
 async def _agent(running: Running, vehicle_id: str, **handlers: Any) -> VehicleAgent:
@@ -23,16 +24,6 @@ async def _agent(running: Running, vehicle_id: str, **handlers: Any) -> VehicleA
     asyncio.create_task(agent.run())  # noqa: RUF006 - stopped by the fixture's closers
     await asyncio.wait_for(agent.connected.wait(), 5)
     return agent
-
-
-async def _settled(running: Running, command_id: str) -> Any:
-    client = running.client()
-    for _ in range(200):
-        command = await client.get_command(command_id)
-        if command.status not in (t.ACCEPTED, t.QUEUED, t.DELIVERED, t.ACKED):
-            return command
-        await asyncio.sleep(0.02)
-    return command
 
 
 async def test_a_canceled_command_never_reaches_the_car(running: Running) -> None:
@@ -52,8 +43,8 @@ async def test_a_canceled_command_never_reaches_the_car(running: Running) -> Non
             canceled.append(command_id)
         except BrokerRpcError as exc:
             assert exc.code == "FAILED_PRECONDITION"
-            assert (await _settled(running, command_id)).status == t.SUCCEEDED
-    await asyncio.sleep(0.3)
+            assert (await settled(client, command_id)).status == t.SUCCEEDED
+    await asyncio.sleep(0.3)  # a negative: no sign to wait for that a canceled one never runs
     assert not set(canceled) & set(agent.executed)
     for command_id in canceled:
         assert (await client.get_command(command_id)).status == t.CANCELED
@@ -69,11 +60,13 @@ async def test_a_caller_cancelled_during_the_write_does_not_strand_its_command(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.2)
-    (command,) = await running.client().list_commands("race-strand")
+    client = running.client()
+    (command,) = await eventually(
+        lambda: client.list_commands("race-strand"), what="the command committed"
+    )
     assert dispatcher.pending_total == 1  # on disk, where a parked car's queue lives
     agent = await _agent(running, "race-strand", climate=lambda payload: _true())
-    assert (await _settled(running, command.command_id)).status == t.SUCCEEDED
+    assert (await settled(client, command.command_id)).status == t.SUCCEEDED
     assert agent.executed == [command.command_id]
 
 
@@ -86,8 +79,12 @@ async def test_state_survives_a_fast_reconnect(running: Running) -> None:
     second = await _agent(running, "race-state")  # replaces the first
     await first.stop()
     await second.report_state({"odometer": 1234})
-    await asyncio.sleep(0.1)
-    state = await running.client().get_vehicle_state("race-state")
+    client = running.client()
+    state = await eventually(
+        lambda: client.get_vehicle_state("race-state"),
+        lambda state: "odometer" in state.fields,
+        what="the reported odometer",
+    )
     assert state.connected
     assert state.fields["odometer"].value.number == 1234
 
@@ -102,9 +99,13 @@ async def test_unstamped_values_keep_updating(running: Running) -> None:
                 )
             )
         )
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)
-    state = await running.client().get_vehicle_state("race-stamp")
+        await asyncio.sleep(0.01)  # pacing: each value arrives at a later broker time
+    client = running.client()
+    state = await eventually(
+        lambda: client.get_vehicle_state("race-stamp"),
+        lambda state: state.fields["gear"].value.number == 3,
+        what="the last gear value stored",
+    )
     assert state.fields["gear"].value.number == 3
     assert 0 < state.fields["gear"].reported_at_ms <= now_ms()
 
@@ -125,10 +126,7 @@ async def test_a_too_long_key_fails_alone(running: Running) -> None:
 async def test_a_result_with_a_bad_command_id_is_invalid_argument(running: Running) -> None:
     agent = await _agent(running, "race-badid")
     await agent._send(link.VehicleFrame(result=link.CommandResult(command_id="", success=True)))
-    for _ in range(50):
-        if agent.last_error is not None:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: agent.last_error is not None, what="the stream's end")
     assert agent.last_error is not None
     assert agent.last_error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -151,7 +149,7 @@ async def test_the_sdk_executes_in_wire_order(start_broker: Callable[..., Any]) 
     first = await client.send_command("race-order", "unlock")
     second = await client.send_command("race-order", "lock")
     for command_id in (first.command.command_id, second.command.command_id):
-        assert (await _settled(running, command_id)).status == t.SUCCEEDED
+        assert (await settled(client, command_id)).status == t.SUCCEEDED
     assert order == ["unlock", "lock"]  # the car ends locked
 
 
@@ -165,9 +163,17 @@ async def test_the_car_keeps_reconnecting_when_its_call_dies_before_the_hello() 
     agent = VehicleAgent(f"127.0.0.1:{port}", "race-dead", backoff_base_s=0.01, backoff_cap_s=0.05)
     await agent._write_lock.acquire()
     runner = asyncio.create_task(agent.run())
-    await asyncio.sleep(0.3)  # the call fails (nothing listening) while the write waits
+    # The call waits for a listener (wait_for_ready), so end it by hand while the Hello
+    # write waits for the lock: the call is dead before its first write.
+    dead = await eventually(
+        lambda: agent._call, lambda call: call is not None, what="the first call opened"
+    )
+    dead.cancel()
     agent._write_lock.release()
-    await asyncio.sleep(0.3)
+    await eventually(
+        lambda: (agent._call is not None and agent._call is not dead) or runner.done(),
+        what="a second call opened",
+    )
     assert not runner.done(), runner.exception() if runner.done() else None
     await agent.stop()
     runner.cancel()
@@ -194,7 +200,7 @@ async def test_parked_cars_hold_no_memory_and_connecting_ones_get_everything_onc
     during = await asyncio.gather(*(client.send_command(v, "climate", {"n": 2}) for v in cars))
     ids = set(first_ids) | {r.command.command_id for r in during}
     for command_id in ids:
-        assert (await _settled(running, command_id)).status == t.SUCCEEDED
+        assert (await settled(client, command_id)).status == t.SUCCEEDED
     runs = {agent.vehicle_id: agent.executed for agent in agents}
     assert sorted(c for ran in runs.values() for c in ran) == sorted(ids)  # each exactly once
     for vehicle_id, first, second in zip(cars, first_ids[:60], first_ids[60:], strict=True):
@@ -218,10 +224,11 @@ async def test_commands_delivered_at_creation_keep_the_window_and_fifo(running: 
         return True
 
     agent = await _agent(running, "race-window", climate=slow)
-    for _ in range(200):  # its (empty) queue has loaded and left memory
-        if "race-window" not in dispatcher._queues:
-            break
-        await asyncio.sleep(0.005)
+    await eventually(
+        lambda: "race-window" not in dispatcher._queues,
+        interval_s=0.005,
+        what="its (empty) queue loaded and gone from memory",
+    )
     most_in_flight = 0
     sampling = True
 
@@ -239,7 +246,7 @@ async def test_commands_delivered_at_creation_keep_the_window_and_fifo(running: 
     )
     by_seq = [r.command.command_id for r in sorted(replies, key=lambda r: r.command.seq)]
     for command_id in by_seq:
-        assert (await _settled(running, command_id)).status == t.SUCCEEDED
+        assert (await settled(client, command_id)).status == t.SUCCEEDED
     sampling = False
     await sampler
     assert agent.executed == by_seq  # FIFO, each once

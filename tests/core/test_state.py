@@ -1,16 +1,16 @@
-"""Live vehicle state: reports land in memory; LMDB gets them spread over the persist interval."""
+"""Live vehicle state: reports land in memory; the store gets them spread over the persist
+interval (the in-memory store: the LMDB one passes the same store tests)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from broker.core.sessions import SessionRegistry
 from broker.core.state import VehicleStates
-from broker.storage.lmdb_store import Store
+from broker.storage.memory import MemoryStore
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 
@@ -20,14 +20,16 @@ def _signal(name: str, value: float, at_ms: int) -> link.Signal:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store(tmp_path / "db", fsync=False)
+async def store() -> AsyncIterator[MemoryStore]:
+    store = MemoryStore()
     store.start(asyncio.get_running_loop())
     yield store
     await store.close()
 
 
-async def test_flush_persists_the_oldest_changes_first_a_share_at_a_time(store: Store) -> None:
+async def test_flush_persists_the_oldest_changes_first_a_share_at_a_time(
+    store: MemoryStore,
+) -> None:
     states = VehicleStates(store, SessionRegistry(), max_fields=16)
     cars = [f"car-{i}" for i in range(10)]
     for n, vehicle_id in enumerate(cars):
@@ -44,7 +46,9 @@ async def test_flush_persists_the_oldest_changes_first_a_share_at_a_time(store: 
     assert all([await store.get_state(v) is not None for v in cars])
 
 
-async def test_reads_see_reports_at_once_and_a_departing_car_is_persisted(store: Store) -> None:
+async def test_reads_see_reports_at_once_and_a_departing_car_is_persisted(
+    store: MemoryStore,
+) -> None:
     states = VehicleStates(store, SessionRegistry(), max_fields=16)
     await states.attach("car-1")
     states.report("car-1", [_signal("speed", 10, 2_000)], 2_000)

@@ -27,7 +27,7 @@ async def writer(env: Any) -> AsyncIterator[Writer]:
     instance = Writer(env, group_max=8, map_size_max=16 << 20, relaxed_sync_interval_s=None)
     instance.start(asyncio.get_running_loop())
     yield instance
-    await asyncio.to_thread(instance.close)
+    await instance.close()
 
 
 def put(key: bytes) -> Callable[[Any], bytes]:

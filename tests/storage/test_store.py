@@ -1,4 +1,10 @@
-"""The durable command store on real LMDB: the command lifecycle, indexes, recovery, space.
+"""The command store: its lifecycle, indexes, timers and recovery, on LMDB and in memory.
+
+The tests of what a store does run against both stores (the `backend` fixture), so the
+in-memory store the domain's unit tests use is held to the LMDB store's behaviour,
+property tests included. The tests of what only LMDB has (a folder reopened after a
+stop, map growth, layout migrations, disk space, the payload table, the folder lock)
+come last, under "LMDB only", and open the store with `open_store`.
 
 Every test passes explicit `now_ms` values, so nothing here sleeps or reads the clock.
 """
@@ -19,19 +25,19 @@ import lmdb
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-
-from broker.core import clock
-from broker.core.errors import Conflict, FailedPrecondition, NotFound, StoreUnavailable
-from broker.storage.lmdb_store import (
-    RECLAIM_MIN_AGE_MS,
-    SPACE_CHECK_INTERVAL_S,
-    TERMINAL,
-    Created,
-    NewCommand,
-    NotCommittedInTime,
-    Store,
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    rule,
+    run_state_machine_as_test,
 )
+
+from broker.core import clock, lifecycle
+from broker.core.errors import Conflict, FailedPrecondition, NotFound, StoreUnavailable
+from broker.core.lifecycle import TERMINAL
+from broker.core.store import Created, NewCommand, NotCommittedInTime, Store
+from broker.storage.lmdb_store import RECLAIM_MIN_AGE_MS, SPACE_CHECK_INTERVAL_S, LmdbStore
+from broker.storage.memory import MemoryStore
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker_ext import codec
@@ -40,7 +46,7 @@ T0 = 1_700_000_000_000
 RETENTION_MS = 10_000
 IDEMPOTENCY_WINDOW_MS = 60_000
 
-OpenStore = Callable[..., Awaitable[Store]]
+OpenStore = Callable[..., Awaitable[LmdbStore]]
 
 
 def new(
@@ -85,7 +91,7 @@ async def status_of(store: Store, command_id: str) -> int:
 
 @dataclass
 class Dump:
-    """Every database of a store, decoded, read in one transaction on the writer thread."""
+    """Every index of a store, decoded as LMDB keys them, read in one go."""
 
     commands: dict[str, Any] = field(default_factory=dict)
     timers: list[tuple[int, str]] = field(default_factory=list)
@@ -98,7 +104,14 @@ class Dump:
 
 async def dump(store: Store) -> Dump:
     # White-box on purpose: the invariants below are about the indexes themselves.
-    def op(txn: Any) -> Dump:
+    if isinstance(store, MemoryStore):
+        return _dump_memory(store)
+    assert isinstance(store, LmdbStore)
+    return await _dump_lmdb(store)
+
+
+async def _dump_lmdb(store: LmdbStore) -> Dump:
+    def op(txn: Any) -> Dump:  # in one transaction on the writer thread
         out = Dump()
         for key, value in txn.cursor(db=store._commands):
             out.commands[key.decode()] = t.Command.FromString(value)
@@ -116,20 +129,87 @@ async def dump(store: Store) -> Dump:
     return await store.writer.submit(op)
 
 
+def _dump_memory(store: MemoryStore) -> Dump:
+    # Only the records and the two keyed indexes are held; the rest is derived from them.
+    out = Dump()
+    for command_id in sorted(store._commands):
+        out.commands[command_id] = t.Command.FromString(
+            store._commands[command_id].SerializeToString()
+        )  # a copy: the store changes its records in place
+    records = out.commands.items()
+    out.timers = sorted((lifecycle.timer_at(c, store._retention_ms), cid) for cid, c in records)
+    out.by_vehicle = {codec.vehicle_key(c.vehicle_id, c.seq): cid for cid, c in records}
+    out.idem = {key: command_id for (_, key), command_id in store._idem.items()}
+    out.coalesce = {codec.coalesce_key(v, key): cid for (v, key), cid in store._coalesce.items()}
+    out.pending = {
+        codec.pending_key(c.vehicle_id, c.lane, c.seq): cid
+        for cid, c in records
+        if c.status not in TERMINAL
+    }
+    out.pending_count = store.pending
+    return out
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One store implementation, as the shared tests open it."""
+
+    name: str
+    #: `start(folder, loop, retention_ms=..., idempotency_window_ms=...)`: a started store
+    start: Callable[..., Store]
+    #: a store opened again on the folder has what the last one wrote
+    durable: bool
+
+
+def _start_lmdb(folder: Path, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> Store:
+    # fsync off: these tests are about semantics; the LMDB-only ones below keep it on.
+    store = LmdbStore(folder, fsync=False, **kwargs)
+    store.start(loop)
+    return store
+
+
+def _start_memory(folder: Path, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> Store:
+    store = MemoryStore(**kwargs)
+    store.start(loop)
+    return store
+
+
+BACKENDS = [Backend("lmdb", _start_lmdb, durable=True), Backend("memory", _start_memory, False)]
+
+
+@pytest.fixture(params=BACKENDS, ids=[backend.name for backend in BACKENDS])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each store implementation in turn."""
+    result: Backend = request.param
+    return result
+
+
+@pytest.fixture
+async def store(backend: Backend, tmp_path: Path) -> AsyncIterator[Store]:
+    """A started store of each implementation, closed at teardown."""
+    started = backend.start(
+        tmp_path / "db",
+        asyncio.get_running_loop(),
+        retention_ms=RETENTION_MS,
+        idempotency_window_ms=IDEMPOTENCY_WINDOW_MS,
+    )
+    yield started
+    await started.close()
+
+
 @pytest.fixture
 async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
-    """`await open_store(**kwargs)`: a started Store on LMDB in tmp_path; closed at teardown.
+    """LMDB only. `await open_store(**kwargs)`: a started LmdbStore in tmp_path; closed
+    at teardown. Opening again closes the previous one first, so a test can reopen the
+    same folder."""
+    opened: list[LmdbStore] = []
 
-    Opening again closes the previous one first, so a test can reopen the same folder.
-    """
-    opened: list[Store] = []
-
-    async def open_(**kwargs: Any) -> Store:
+    async def open_(**kwargs: Any) -> LmdbStore:
         if opened:
             await opened.pop().close()
         kwargs.setdefault("retention_ms", RETENTION_MS)
         kwargs.setdefault("idempotency_window_ms", IDEMPOTENCY_WINDOW_MS)
-        store = Store(tmp_path / "db", **kwargs)
+        store = LmdbStore(tmp_path / "db", **kwargs)
         store.start(asyncio.get_running_loop())
         opened.append(store)
         return store
@@ -137,11 +217,6 @@ async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
     yield open_
     for store in opened:
         await store.close()
-
-
-@pytest.fixture
-async def store(open_store: OpenStore) -> Store:
-    return await open_store()
 
 
 # -- create ------------------------------------------------------------------------------------
@@ -167,6 +242,58 @@ async def test_create_queues_offline_and_accepts_online(store: Store) -> None:
 async def test_get_unknown_command_is_not_found(store: Store) -> None:
     with pytest.raises(NotFound):
         await store.get("nope")
+
+
+async def test_a_new_store_is_empty_with_room_and_counts_its_operations(store: Store) -> None:
+    assert store.pending == 0
+    assert store.clock_reference == (0, 0, "")
+    assert store.space_problem() is None and store.space_problem(critical=True) is None
+    assert store.room_bytes >= store.reserve_bytes and store.space_refusals == 0
+    before = store.operations
+    cid = await create_id(store, new(), now_ms=T0)
+    await store.get(cid)
+    await store.list_vehicle("car-1", limit=1)
+    assert store.operations == before + 3 and store.commits >= 1
+    assert store.pending == 1
+
+
+async def test_operations_complete_in_submission_order_each_seeing_the_ones_before(
+    store: Store,
+) -> None:
+    cid = await create_id(store, new(), now_ms=T0)
+    submitted = {
+        "get": store.get(cid),
+        "cancel": store.cancel(cid, now_ms=T0 + 1),
+        "get again": store.get(cid),
+        "cancel unknown": store.cancel("nope", now_ms=T0 + 1),
+        "list": store.list_vehicle("car-1", limit=10),
+    }
+    completed: list[str] = []
+    for name, future in submitted.items():
+        future.add_done_callback(lambda _, name=name: completed.append(name))
+    first, _, again, unknown, listed = await asyncio.gather(
+        *submitted.values(), return_exceptions=True
+    )
+    assert completed == list(submitted)
+    assert first.status == t.QUEUED and again.status == t.CANCELED
+    assert isinstance(unknown, NotFound)
+    assert [c.status for c in listed] == [t.CANCELED]
+
+
+async def test_records_handed_out_are_copies(store: Store) -> None:
+    created = await create_one(store, new(), now_ms=T0)
+    created.command.status = t.SUCCEEDED
+    fetched = await store.get(created.command.command_id)
+    fetched.payload = b"changed"
+    again = await store.get(created.command.command_id)
+    assert (again.status, again.payload) == (t.QUEUED, b"{}")
+
+
+async def test_a_closed_store_refuses_work(store: Store) -> None:
+    cid = await create_id(store, new(), now_ms=T0)
+    await store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.get(cid)
 
 
 # -- delivery, ack, result ---------------------------------------------------------------------
@@ -439,6 +566,19 @@ async def test_idempotency_key_outside_its_window_makes_a_new_command(store: Sto
     assert third.deduplicated and third.command.command_id == second.command.command_id
 
 
+async def test_idempotency_keys_are_per_caller(store: Store) -> None:
+    def item(scope: str) -> NewCommand:
+        return NewCommand("car-1", "unlock", b"{}", t.CRITICAL, 60_000, "k", scope)
+
+    (first,) = await store.create([item("service:app")], online=(), now_ms=T0)
+    (other,) = await store.create([item("service:fleet-ops")], online=(), now_ms=T0)
+    (again,) = await store.create([item("service:app")], online=(), now_ms=T0)
+    assert isinstance(first, Created) and isinstance(other, Created)
+    assert isinstance(again, Created)
+    assert other.command.command_id != first.command.command_id and not other.deduplicated
+    assert again.command.command_id == first.command.command_id and again.deduplicated
+
+
 # -- coalescing --------------------------------------------------------------------------------
 
 
@@ -471,7 +611,7 @@ async def test_coalesce_leaves_a_requeued_delivered_command_alone(store: Store) 
     assert await status_of(store, older) == t.QUEUED
 
 
-# -- listing -----------------------------------------------------------------------------------
+# -- listing and loading -----------------------------------------------------------------------
 
 
 async def test_list_vehicle_newest_first_limited_and_per_vehicle(store: Store) -> None:
@@ -487,56 +627,6 @@ async def test_list_vehicle_newest_first_limited_and_per_vehicle(store: Store) -
     for absent in ("car-", "car-2", "car", "a", "car-100"):
         assert await store.list_vehicle(absent, limit=10) == []
     assert await store.list_vehicle("car-1", limit=0) == []
-
-
-# -- recovery ----------------------------------------------------------------------------------
-
-
-async def test_recover_after_reopen_returns_pending_commands(open_store: OpenStore) -> None:
-    store = await open_store()
-    ids = {}
-    for status in ("queued", "accepted", "delivered", "acked", "requeued"):
-        ids[status] = await create_id(store, new(), now_ms=T0, online={"car-1"})
-    ids["queued_offline"] = await create_id(store, new("car-2"), now_ms=T0)
-    for status in ("canceled", "succeeded", "expired"):
-        ids[status] = await create_id(store, new(ttl_ms=1_000), now_ms=T0, online={"car-1"})
-    sent = ["delivered", "acked", "requeued", "succeeded"]
-    await store.mark_delivered([(ids[s], 60_000) for s in sent], now_ms=T0 + 1)
-    await store.mark_acked(ids["acked"], now_ms=T0 + 2, result_timeout_ms=30_000)
-    await store.requeue([ids["requeued"]], now_ms=T0 + 2)
-    await store.record_result(
-        ids["succeeded"], vehicle_id="car-1", success=True, message="", detail=b"", now_ms=T0 + 3
-    )
-    await store.cancel(ids["canceled"], now_ms=T0 + 3)
-    await store.requeue([ids["queued"]], now_ms=T0 + 3)
-    changed, _ = await store.fire_timers(now_ms=T0 + 1_000)
-    assert [c.command_id for c in changed] == [ids["expired"]]
-    last_seq = (await store.get(ids["expired"])).seq
-
-    store = await open_store()
-    assert await store.recover(now_ms=T0 + 5_000) == store.pending == 6
-    loaded = await store.load_pending(["car-1", "car-2", "car-3"])
-    assert loaded["car-3"] == []
-    pending = {c.command_id: c for commands in loaded.values() for c in commands}
-    expected_pending = ("queued", "accepted", "delivered", "acked", "requeued", "queued_offline")
-    assert set(pending) == {ids[s] for s in expected_pending}
-    assert {name: t.CommandStatus.Name(pending[ids[name]].status) for name in expected_pending} == {
-        "queued": "QUEUED",
-        "accepted": "QUEUED",  # was about to be sent: sessions did not survive
-        "delivered": "QUEUED",
-        "acked": "ACKED",  # the car has it; its result may still come
-        "requeued": "QUEUED",
-        "queued_offline": "QUEUED",
-    }
-    assert pending[ids["delivered"]].attempt == 1
-    for cid, command in pending.items():
-        assert await store.get(cid) == command
-    assert await status_of(store, ids["succeeded"]) == t.SUCCEEDED
-    # The sequence survives the restart: new commands still list newest first.
-    fresh = await create_one(store, new(), now_ms=T0 + 6_000)
-    assert fresh.command.seq > last_seq
-    listed = await store.list_vehicle("car-1", limit=1)
-    assert [c.command_id for c in listed] == [fresh.command.command_id]
 
 
 async def test_recover_on_an_empty_store(store: Store) -> None:
@@ -557,95 +647,126 @@ async def test_load_pending_gives_dispatch_order_and_nothing_terminal(store: Sto
     assert [c.command_id for c in loaded["car-10"]] == [other]
 
 
-async def test_a_folder_from_before_the_pending_index_gets_it_on_open(
-    open_store: OpenStore,
-) -> None:
-    store = await open_store()
-    queued = await create_id(store, new(), now_ms=T0)
-    finished = await create_id(store, new(), now_ms=T0)
-    await store.cancel(finished, now_ms=T0 + 1)
-
-    def downgrade(txn: Any) -> None:  # what a schema-1 folder looks like
-        txn.drop(store._pending, delete=False)
-        txn.delete(b"schema", db=store._meta)
-
-    await store.writer.submit(downgrade)
-    store = await open_store()
-    assert store.pending == 1
-    assert [c.command_id for c in (await store.load_pending(["car-1"]))["car-1"]] == [queued]
-
-
 # -- vehicle state -----------------------------------------------------------------------------
 
 
-async def test_vehicle_state_put_get_and_survives_reopen(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_vehicle_state_put_and_get(store: Store) -> None:
     assert await store.get_state("car-1") is None
     state = svc.VehicleState(vehicle_id="car-1", last_seen_ms=T0)
     state.fields["soc"].value.number = 81.5
     state.fields["soc"].reported_at_ms = T0 - 10
     other = svc.VehicleState(vehicle_id="car-10", last_seen_ms=T0 + 1)
-    await store.put_states([state, other])
-    assert await store.get_state("car-1") == state
-    state.fields["locked"].value.flag = True
-    await store.put_states([state])
-    store = await open_store()
+    write = store.put_states([state, other])
+    state.fields["later"].value.flag = True  # after the put: not written
+    await write
+    del state.fields["later"]
     assert await store.get_state("car-1") == state
     assert await store.get_state("car-10") == other
+    state.fields["locked"].value.flag = True
+    await store.put_states([state])
+    assert await store.get_state("car-1") == state
     assert await store.get_state("car-2") is None
 
 
-# -- space -------------------------------------------------------------------------------------
+# -- faults: re-queued deadlines, late commits, clock ------------------------------------------
 
 
-async def test_map_grows_under_many_writes(
-    open_store: OpenStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_create_can_record_delivery_in_the_same_write(store: Store) -> None:
+    (created,) = await store.create(
+        [new(ttl_ms=60_000)], online={"car-1"}, now_ms=T0, deliver={0: 5_000}
+    )
+    assert isinstance(created, Created)
+    command = created.command
+    assert (command.status, command.attempt) == (t.DELIVERED, 1)
+    assert (command.delivered_at_ms, command.result_deadline_ms) == (T0, T0 + 5_000)
+    state = await dump(store)
+    assert state.timers == [(T0 + 5_000, command.command_id)]  # the result deadline
+    assert list(state.pending.values()) == [command.command_id]
+    # No result before the deadline: UNKNOWN, as for any delivered command.
+    changed, _ = await store.fire_timers(now_ms=T0 + 5_000)
+    assert [(c.command_id, c.status) for c in changed] == [(command.command_id, t.UNKNOWN)]
+
+
+async def test_a_requeued_command_waits_for_its_expiry_not_its_old_result_deadline(
+    store: Store,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="broker.storage.writer")
-    store = await open_store(map_size=64 << 10, map_size_max=64 << 20, fsync=False)
-    created = []
-    for batch in range(20):
-        items = [new(f"car-{i % 7}", payload=bytes(300)) for i in range(50)]
-        results = await store.create(items, online=(), now_ms=T0 + batch)
-        assert all(isinstance(r, Created) for r in results)
-        created += [r.command.command_id for r in results if isinstance(r, Created)]
-    assert (tmp_path / "db" / "data.mdb").stat().st_size > 64 << 10
-    assert any("grew map_size" in r.getMessage() for r in caplog.records)
-    assert await store.recover(now_ms=T0 + 100) == len(created) == 1_000
+    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
+    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
+    [requeued] = await store.requeue([cid], now_ms=T0 + 5_000)
+    assert (requeued.status, requeued.result_deadline_ms) == (t.QUEUED, 0)
+    # The first attempt's deadline (T0 + 10_001) passes: nothing happens, TTL is left.
+    assert await store.fire_timers(now_ms=T0 + 30_000) == ([], 0)
+    # Back on the wire: a fresh result deadline from the new delivery.
+    [again] = await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 40_000)
+    assert (again.attempt, again.result_deadline_ms) == (2, T0 + 50_000)
+    assert await store.fire_timers(now_ms=T0 + 49_999) == ([], 0)
+    changed, _ = await store.fire_timers(now_ms=T0 + 50_000)
+    assert [(c.command_id, c.status) for c in changed] == [(cid, t.UNKNOWN)]
 
 
-async def test_store_full_refuses_clearly_and_keeps_what_it_accepted(
-    open_store: OpenStore,
+async def test_a_requeued_command_whose_car_never_returns_is_unknown_at_its_expiry(
+    store: Store,
 ) -> None:
-    sizes = {"map_size": 32 << 10, "map_size_max": 256 << 10, "fsync": False}
-    store = await open_store(**sizes)
-    accepted: list[str] = []
-    error: StoreUnavailable | None = None
-    for batch in range(1_000):
-        try:
-            results = await store.create(
-                [new(f"car-{i}", payload=bytes(200)) for i in range(10)],
-                online=(),
-                now_ms=T0 + batch,
-            )
-        except StoreUnavailable as exc:
-            error = exc
-            break
-        accepted += [r.command.command_id for r in results if isinstance(r, Created)]
-    assert error is not None, "the store never filled up"
-    assert "full" in error.message and "map_size_max" in error.message
-    assert len(accepted) > 100
-    # Reads still work, and a refused write changed nothing.
-    assert await status_of(store, accepted[-1]) == t.QUEUED
-    store = await open_store(**sizes)
-    assert await store.recover(now_ms=T0 + 10_000) == len(accepted)
-    loaded = await store.load_pending([f"car-{i}" for i in range(10)])
-    assert sorted(c.command_id for cs in loaded.values() for c in cs) == sorted(accepted)
-    for cid in (accepted[0], accepted[-1]):
-        assert await status_of(store, cid) == t.QUEUED
+    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
+    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
+    await store.requeue([cid], now_ms=T0 + 2)
+    assert await store.fire_timers(now_ms=T0 + 59_999) == ([], 0)
+    changed, _ = await store.fire_timers(now_ms=T0 + 60_000)
+    assert [(c.command_id, c.status) for c in changed] == [(cid, t.UNKNOWN)]
+    assert "expired before the car was back" in changed[0].status_reason
+    # Never re-sent after its expiry; a late result (the car did run it) still refines it.
+    assert await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 60_001) == []
+    refined = await store.record_result(
+        cid, vehicle_id="car-1", success=True, message="", detail=b"", now_ms=T0 + 61_000
+    )
+    assert refined is not None and refined.status == t.SUCCEEDED
+
+
+async def test_a_requeued_command_the_car_has_gets_a_new_deadline_when_acked(
+    store: Store,
+) -> None:
+    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
+    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
+    await store.requeue([cid], now_ms=T0 + 2)
+    acked = await store.mark_acked(cid, now_ms=T0 + 20_000, result_timeout_ms=10_000)
+    assert acked is not None and acked.result_deadline_ms == T0 + 30_000
+    assert await store.fire_timers(now_ms=T0 + 29_999) == ([], 0)
+
+
+async def test_a_command_past_its_commit_deadline_is_not_written(store: Store) -> None:
+    late = new("car-1", idempotency_key="k")._replace(commit_by_s=time.monotonic() - 1)
+    on_time = new("car-2")._replace(commit_by_s=time.monotonic() + 60)
+    refused, created = await store.create([late, on_time], online=(), now_ms=T0)
+    assert isinstance(refused, NotCommittedInTime)
+    assert refused.retry_after_ms is not None and "nothing was written" in refused.message
+    assert isinstance(created, Created)
+    state = await dump(store)
+    assert list(state.commands) == [created.command.command_id]
+    assert state.idem == {}
+
+
+async def test_abandon_cancels_unsent_and_frees_the_idempotency_key(store: Store) -> None:
+    first = await create_one(store, new(idempotency_key="k"), now_ms=T0, online={"car-1"})
+    [abandoned] = await store.abandon([first.command.command_id], now_ms=T0 + 1)
+    assert abandoned.status == t.CANCELED and "never sent" in abandoned.status_reason
+    retry = await create_one(store, new(idempotency_key="k"), now_ms=T0 + 2)
+    assert not retry.deduplicated
+    assert retry.command.command_id != first.command.command_id
+    assert await store.abandon([first.command.command_id], now_ms=T0 + 3) == []  # terminal
+
+
+async def test_the_clock_reference_is_the_highest_time_written(store: Store) -> None:
+    future = clock.now_ms() + 3_600_000  # a time ahead of the clock, as a stored one may be
+    cid = await create_id(store, new(), now_ms=future)
+    stored_ms, steady_ns, boot_id = store.clock_reference
+    assert (stored_ms, boot_id) == (future, clock.BOOT_ID) and steady_ns > 0
+    await store.get(cid)  # a read writes no time
+    await store.cancel(cid, now_ms=future - 1)  # nor does an older one move it back
+    assert store.clock_reference == (stored_ms, steady_ns, boot_id)
 
 
 # -- properties: random operation sequences against a model ------------------------------------
+
 
 VEHICLES = ("car-1", "car-10", "car-2")
 PROP_RETENTION_MS = 3_000
@@ -708,10 +829,11 @@ UNKNOWN_ID = "000000000000ffffffffffff"
 
 
 class StoreMachine(RuleBasedStateMachine):
-    """Drives a real Store on its own event loop and temp folder, mirrored by a model."""
+    """Drives a store on its own event loop (and temp folder), mirrored by a model."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: Backend) -> None:
         super().__init__()
+        self.backend = backend
         self.folder = Path(tempfile.mkdtemp(prefix="store-prop-"))
         self.loop = asyncio.new_event_loop()
         self.store = self._open()
@@ -726,14 +848,12 @@ class StoreMachine(RuleBasedStateMachine):
         self.last_seen: dict[str, Any] = {}
 
     def _open(self) -> Store:
-        store = Store(
+        return self.backend.start(
             self.folder,
-            fsync=False,
+            self.loop,
             retention_ms=PROP_RETENTION_MS,
             idempotency_window_ms=PROP_IDEMPOTENCY_WINDOW_MS,
         )
-        store.start(self.loop)
-        return store
 
     def run(self, future: Awaitable[Any]) -> Any:
         return self.loop.run_until_complete(future)
@@ -930,8 +1050,11 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule()
     def reopen_and_recover(self) -> None:
-        self.run(self.store.close())
-        self.store = self._open()
+        # A restart. Only a durable store is reopened: a memory store keeps its records
+        # (a real restart would lose them all) and recovers in place.
+        if self.backend.durable:
+            self.run(self.store.close())
+            self.store = self._open()
         count = self.run(self.store.recover(now_ms=self.now))
         loaded = self.run(self.store.load_pending(VEHICLES))
         pending = [c.command_id for commands in loaded.values() for c in commands]
@@ -1032,57 +1155,121 @@ class StoreMachine(RuleBasedStateMachine):
             assert [c.command_id for c in listed] == [c.command_id for c in expected]
 
 
-StoreMachine.TestCase.settings = settings(
+PROPERTY_SETTINGS = settings(
     max_examples=150,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestStoreProperties = StoreMachine.TestCase
 
 
-async def test_a_second_broker_cannot_open_the_same_folder(tmp_path: Path) -> None:
-    first = Store(tmp_path / "data")
-    with pytest.raises(StoreUnavailable, match="in use by another broker"):
-        Store(tmp_path / "data")
-    first.start(asyncio.get_running_loop())
-    await first.close()
-    second = Store(tmp_path / "data")  # the lock went with the first
-    second.start(asyncio.get_running_loop())
-    await second.close()
-    (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(StoreUnavailable, match="data folder"):
-        Store(tmp_path / "file")
+def test_random_operation_sequences_match_the_model(backend: Backend) -> None:
+    run_state_machine_as_test(lambda: StoreMachine(backend), settings=PROPERTY_SETTINGS)
 
 
-async def test_idempotency_keys_are_per_caller(store: Store) -> None:
-    def item(scope: str) -> NewCommand:
-        return NewCommand("car-1", "unlock", b"{}", t.CRITICAL, 60_000, "k", scope)
-
-    (first,) = await store.create([item("service:app")], online=(), now_ms=T0)
-    (other,) = await store.create([item("service:fleet-ops")], online=(), now_ms=T0)
-    (again,) = await store.create([item("service:app")], online=(), now_ms=T0)
-    assert isinstance(first, Created) and isinstance(other, Created)
-    assert isinstance(again, Created)
-    assert other.command.command_id != first.command.command_id and not other.deduplicated
-    assert again.command.command_id == first.command.command_id and again.deduplicated
+# -- LMDB only: reopening a folder -------------------------------------------------------------
 
 
-async def test_create_can_record_delivery_in_the_same_write(open_store: OpenStore) -> None:
+async def test_recover_after_reopen_returns_pending_commands(open_store: OpenStore) -> None:
     store = await open_store()
-    (created,) = await store.create(
-        [new(ttl_ms=60_000)], online={"car-1"}, now_ms=T0, deliver={0: 5_000}
+    ids = {}
+    for status in ("queued", "accepted", "delivered", "acked", "requeued"):
+        ids[status] = await create_id(store, new(), now_ms=T0, online={"car-1"})
+    ids["queued_offline"] = await create_id(store, new("car-2"), now_ms=T0)
+    for status in ("canceled", "succeeded", "expired"):
+        ids[status] = await create_id(store, new(ttl_ms=1_000), now_ms=T0, online={"car-1"})
+    sent = ["delivered", "acked", "requeued", "succeeded"]
+    await store.mark_delivered([(ids[s], 60_000) for s in sent], now_ms=T0 + 1)
+    await store.mark_acked(ids["acked"], now_ms=T0 + 2, result_timeout_ms=30_000)
+    await store.requeue([ids["requeued"]], now_ms=T0 + 2)
+    await store.record_result(
+        ids["succeeded"], vehicle_id="car-1", success=True, message="", detail=b"", now_ms=T0 + 3
     )
-    assert isinstance(created, Created)
-    command = created.command
-    assert (command.status, command.attempt) == (t.DELIVERED, 1)
-    assert (command.delivered_at_ms, command.result_deadline_ms) == (T0, T0 + 5_000)
-    state = await dump(store)
-    assert state.timers == [(T0 + 5_000, command.command_id)]  # the result deadline
-    assert list(state.pending.values()) == [command.command_id]
-    # No result before the deadline: UNKNOWN, as for any delivered command.
-    changed, _ = await store.fire_timers(now_ms=T0 + 5_000)
-    assert [(c.command_id, c.status) for c in changed] == [(command.command_id, t.UNKNOWN)]
+    await store.cancel(ids["canceled"], now_ms=T0 + 3)
+    await store.requeue([ids["queued"]], now_ms=T0 + 3)
+    changed, _ = await store.fire_timers(now_ms=T0 + 1_000)
+    assert [c.command_id for c in changed] == [ids["expired"]]
+    last_seq = (await store.get(ids["expired"])).seq
+
+    store = await open_store()
+    assert await store.recover(now_ms=T0 + 5_000) == store.pending == 6
+    loaded = await store.load_pending(["car-1", "car-2", "car-3"])
+    assert loaded["car-3"] == []
+    pending = {c.command_id: c for commands in loaded.values() for c in commands}
+    expected_pending = ("queued", "accepted", "delivered", "acked", "requeued", "queued_offline")
+    assert set(pending) == {ids[s] for s in expected_pending}
+    assert {name: t.CommandStatus.Name(pending[ids[name]].status) for name in expected_pending} == {
+        "queued": "QUEUED",
+        "accepted": "QUEUED",  # was about to be sent: sessions did not survive
+        "delivered": "QUEUED",
+        "acked": "ACKED",  # the car has it; its result may still come
+        "requeued": "QUEUED",
+        "queued_offline": "QUEUED",
+    }
+    assert pending[ids["delivered"]].attempt == 1
+    for cid, command in pending.items():
+        assert await store.get(cid) == command
+    assert await status_of(store, ids["succeeded"]) == t.SUCCEEDED
+    # The sequence survives the restart: new commands still list newest first.
+    fresh = await create_one(store, new(), now_ms=T0 + 6_000)
+    assert fresh.command.seq > last_seq
+    listed = await store.list_vehicle("car-1", limit=1)
+    assert [c.command_id for c in listed] == [fresh.command.command_id]
+
+
+async def test_recovery_clears_result_deadlines_of_what_was_on_the_wire(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store()
+    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
+    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
+    store = await open_store()
+    await store.recover(now_ms=T0 + 5_000)
+    command = await store.get(cid)
+    assert (command.status, command.result_deadline_ms, command.attempt) == (t.QUEUED, 0, 1)
+    assert await store.fire_timers(now_ms=T0 + 30_000) == ([], 0)  # not UNKNOWN at 10 s
+
+
+async def test_vehicle_state_survives_reopen(open_store: OpenStore) -> None:
+    store = await open_store()
+    state = svc.VehicleState(vehicle_id="car-1", last_seen_ms=T0)
+    state.fields["soc"].value.number = 81.5
+    other = svc.VehicleState(vehicle_id="car-10", last_seen_ms=T0 + 1)
+    await store.put_states([state, other])
+    store = await open_store()
+    assert await store.get_state("car-1") == state
+    assert await store.get_state("car-10") == other
+    assert await store.get_state("car-2") is None
+
+
+async def test_the_highest_time_written_survives_a_reopen(open_store: OpenStore) -> None:
+    store = await open_store()
+    future = clock.now_ms() + 3_600_000
+    await create_id(store, new(), now_ms=future)
+    store = await open_store()
+    stored_ms, steady_ns, boot_id = store.clock_reference
+    assert (stored_ms, boot_id) == (future, clock.BOOT_ID) and steady_ns > 0
+
+
+# -- LMDB only: layout and the folder lock -----------------------------------------------------
+
+
+async def test_a_folder_from_before_the_pending_index_gets_it_on_open(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store()
+    queued = await create_id(store, new(), now_ms=T0)
+    finished = await create_id(store, new(), now_ms=T0)
+    await store.cancel(finished, now_ms=T0 + 1)
+
+    def downgrade(txn: Any) -> None:  # what a schema-1 folder looks like
+        txn.drop(store._pending, delete=False)
+        txn.delete(b"schema", db=store._meta)
+
+    await store.writer.submit(downgrade)
+    store = await open_store()
+    assert store.pending == 1
+    assert [c.command_id for c in (await store.load_pending(["car-1"]))["car-1"]] == [queued]
 
 
 async def test_an_older_folder_larger_than_the_configured_map_still_opens(
@@ -1103,101 +1290,157 @@ async def test_an_older_folder_larger_than_the_configured_map_still_opens(
     assert store.pending == 500
 
 
-# -- faults: re-queued deadlines, late commits, clock, space -----------------------------------
-
-
-async def test_a_requeued_command_waits_for_its_expiry_not_its_old_result_deadline(
-    store: Store,
+async def test_a_store_from_a_newer_layout_is_refused_and_released(
+    open_store: OpenStore, tmp_path: Path
 ) -> None:
-    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
-    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
-    [requeued] = await store.requeue([cid], now_ms=T0 + 5_000)
-    assert (requeued.status, requeued.result_deadline_ms) == (t.QUEUED, 0)
-    # The first attempt's deadline (T0 + 10_001) passes: nothing happens, TTL is left.
-    assert await store.fire_timers(now_ms=T0 + 30_000) == ([], 0)
-    # Back on the wire: a fresh result deadline from the new delivery.
-    [again] = await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 40_000)
-    assert (again.attempt, again.result_deadline_ms) == (2, T0 + 50_000)
-    assert await store.fire_timers(now_ms=T0 + 49_999) == ([], 0)
-    changed, _ = await store.fire_timers(now_ms=T0 + 50_000)
-    assert [(c.command_id, c.status) for c in changed] == [(cid, t.UNKNOWN)]
-
-
-async def test_a_requeued_command_whose_car_never_returns_is_unknown_at_its_expiry(
-    store: Store,
-) -> None:
-    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
-    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
-    await store.requeue([cid], now_ms=T0 + 2)
-    assert await store.fire_timers(now_ms=T0 + 59_999) == ([], 0)
-    changed, _ = await store.fire_timers(now_ms=T0 + 60_000)
-    assert [(c.command_id, c.status) for c in changed] == [(cid, t.UNKNOWN)]
-    assert "expired before the car was back" in changed[0].status_reason
-    # Never re-sent after its expiry; a late result (the car did run it) still refines it.
-    assert await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 60_001) == []
-    refined = await store.record_result(
-        cid, vehicle_id="car-1", success=True, message="", detail=b"", now_ms=T0 + 61_000
+    store = await open_store()
+    await store.writer.submit(
+        lambda txn: txn.put(b"schema", (99).to_bytes(2, "big"), db=store._meta)
     )
-    assert refined is not None and refined.status == t.SUCCEEDED
+    await store.close()
+    with pytest.raises(StoreUnavailable, match="newer broker"):
+        LmdbStore(tmp_path / "db")
+    # The folder lock was released: fixing the version (here: the layout) opens it.
+    probe = lmdb.open(str(tmp_path / "db"), max_dbs=9)
+    with probe.begin(write=True) as txn:
+        txn.put(b"schema", (3).to_bytes(2, "big"), db=probe.open_db(b"meta", txn=txn))
+    probe.close()
+    LmdbStore(tmp_path / "db")._lock_file.close()
 
 
-async def test_a_requeued_command_the_car_has_gets_a_new_deadline_when_acked(
-    store: Store,
-) -> None:
-    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
-    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
-    await store.requeue([cid], now_ms=T0 + 2)
-    acked = await store.mark_acked(cid, now_ms=T0 + 20_000, result_timeout_ms=10_000)
-    assert acked is not None and acked.result_deadline_ms == T0 + 30_000
-    assert await store.fire_timers(now_ms=T0 + 29_999) == ([], 0)
+async def test_a_second_broker_cannot_open_the_same_folder(tmp_path: Path) -> None:
+    first = LmdbStore(tmp_path / "data")
+    with pytest.raises(StoreUnavailable, match="in use by another broker"):
+        LmdbStore(tmp_path / "data")
+    first.start(asyncio.get_running_loop())
+    await first.close()
+    second = LmdbStore(tmp_path / "data")  # the lock went with the first
+    second.start(asyncio.get_running_loop())
+    await second.close()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StoreUnavailable, match="data folder"):
+        LmdbStore(tmp_path / "file")
 
 
-async def test_recovery_clears_result_deadlines_of_what_was_on_the_wire(
+# -- LMDB only: the payload table and timer keys -----------------------------------------------
+
+
+async def test_a_large_payload_is_written_once_and_status_changes_rewrite_only_the_record(
     open_store: OpenStore,
 ) -> None:
     store = await open_store()
-    cid = await create_id(store, new(ttl_ms=60_000), now_ms=T0, online={"car-1"})
-    await store.mark_delivered([(cid, 10_000)], now_ms=T0 + 1)
+    payload = bytes(range(256)) * 64  # 16 KiB
+    cid = await create_id(store, new(payload=payload), now_ms=T0, online={"car-1"})
+    [delivered] = await store.mark_delivered([(cid, 30_000)], now_ms=T0 + 1)
+    assert delivered.payload == payload
+
+    def sizes(txn: Any) -> tuple[int, int]:
+        record = txn.get(cid.encode(), db=store._commands)
+        kept = txn.get(cid.encode(), db=store._payloads)
+        return len(record), len(kept)
+
+    record_bytes, kept_bytes = await store.writer.submit(sizes)
+    assert record_bytes < 300 and kept_bytes == len(payload)
     store = await open_store()
-    await store.recover(now_ms=T0 + 5_000)
-    command = await store.get(cid)
-    assert (command.status, command.result_deadline_ms, command.attempt) == (t.QUEUED, 0, 1)
-    assert await store.fire_timers(now_ms=T0 + 30_000) == ([], 0)  # not UNKNOWN at 10 s
+    await store.recover(now_ms=T0 + 2)
+    [loaded] = (await store.load_pending(["car-1"]))["car-1"]
+    assert loaded.payload == payload and (await store.get(cid)).payload == payload
+    await store.record_result(
+        cid, vehicle_id="car-1", success=True, message="", detail=b"", now_ms=T0 + 3
+    )
+    await store.fire_timers(now_ms=T0 + 3 + RETENTION_MS)  # purged with its payload
+    assert await store.writer.submit(lambda txn: txn.get(cid.encode(), db=store._payloads)) is None
 
 
-async def test_a_command_past_its_commit_deadline_is_not_written(store: Store) -> None:
-    late = new("car-1", idempotency_key="k")._replace(commit_by_s=time.monotonic() - 1)
-    on_time = new("car-2")._replace(commit_by_s=time.monotonic() + 60)
-    refused, created = await store.create([late, on_time], online=(), now_ms=T0)
-    assert isinstance(refused, NotCommittedInTime)
-    assert refused.retry_after_ms is not None and "nothing was written" in refused.message
-    assert isinstance(created, Created)
+async def test_a_large_payload_stored_inline_by_an_older_version_survives_a_status_change(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store()
+    payload = bytes(4000)
+    cid = await create_id(store, new(payload=payload), now_ms=T0)
+
+    def as_before(txn: Any) -> None:  # the record as the previous layout wrote it
+        command = t.Command.FromString(txn.get(cid.encode(), db=store._commands))
+        command.payload = payload
+        txn.put(cid.encode(), command.SerializeToString(), db=store._commands)
+        txn.delete(cid.encode(), db=store._payloads)
+
+    await store.writer.submit(as_before)
+    await store.cancel(cid, now_ms=T0 + 1)
+    assert (await store.get(cid)).payload == payload
+
+
+async def test_timer_keys_that_match_no_record_are_dropped_not_swept_forever(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store()
+    # Orphans (a record gone) and stale keys (an older version's timer rule) ahead of
+    # a real expiry, more of them than one sweep takes.
+    real = await create_id(store, new(ttl_ms=1_000), now_ms=T0)
+
+    def litter(txn: Any) -> None:
+        for n in range(1_500):
+            orphan = codec.timer_key(T0 + 500, f"{n:024x}")
+            txn.put(orphan, b"", db=store._timers)
+        txn.put(codec.timer_key(T0 + 600, real), b"", db=store._timers)  # stale
+
+    await store.writer.submit(litter)
+    changed, due = await store.fire_timers(now_ms=T0 + 2_000, limit=1_000)
+    assert due == 1_000 and changed == []
+    changed, due = await store.fire_timers(now_ms=T0 + 2_000, limit=1_000)
+    assert [c.command_id for c in changed] == [real] and due < 1_000
     state = await dump(store)
-    assert list(state.commands) == [created.command.command_id]
-    assert state.idem == {}
+    assert state.timers == [(T0 + 2_000 + RETENTION_MS, real)]  # its own timer only
 
 
-async def test_abandon_cancels_unsent_and_frees_the_idempotency_key(store: Store) -> None:
-    first = await create_one(store, new(idempotency_key="k"), now_ms=T0, online={"car-1"})
-    [abandoned] = await store.abandon([first.command.command_id], now_ms=T0 + 1)
-    assert abandoned.status == t.CANCELED and "never sent" in abandoned.status_reason
-    retry = await create_one(store, new(idempotency_key="k"), now_ms=T0 + 2)
-    assert not retry.deduplicated
-    assert retry.command.command_id != first.command.command_id
-    assert await store.abandon([first.command.command_id], now_ms=T0 + 3) == []  # terminal
+# -- LMDB only: map growth and disk space ------------------------------------------------------
 
 
-async def test_the_highest_time_written_survives_a_reopen(open_store: OpenStore) -> None:
-    store = await open_store()
-    assert store.clock_reference == (0, 0, "")
-    future = clock.now_ms() + 3_600_000  # a time ahead of the clock, as a stored one may be
-    cid = await create_id(store, new(), now_ms=future)
-    before = store.clock_reference
-    await store.get(cid)  # a read writes no time
-    assert store.clock_reference == before
-    store = await open_store()
-    stored_ms, steady_ns, boot_id = store.clock_reference
-    assert (stored_ms, boot_id) == (future, clock.BOOT_ID) and steady_ns > 0
+async def test_map_grows_under_many_writes(
+    open_store: OpenStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="broker.storage.writer")
+    store = await open_store(map_size=64 << 10, map_size_max=64 << 20, fsync=False)
+    created = []
+    for batch in range(20):
+        items = [new(f"car-{i % 7}", payload=bytes(300)) for i in range(50)]
+        results = await store.create(items, online=(), now_ms=T0 + batch)
+        assert all(isinstance(r, Created) for r in results)
+        created += [r.command.command_id for r in results if isinstance(r, Created)]
+    assert (tmp_path / "db" / "data.mdb").stat().st_size > 64 << 10
+    assert any("grew map_size" in r.getMessage() for r in caplog.records)
+    assert await store.recover(now_ms=T0 + 100) == len(created) == 1_000
+
+
+async def test_store_full_refuses_clearly_and_keeps_what_it_accepted(
+    open_store: OpenStore,
+) -> None:
+    sizes = {"map_size": 32 << 10, "map_size_max": 256 << 10, "fsync": False}
+    store = await open_store(**sizes)
+    accepted: list[str] = []
+    error: StoreUnavailable | None = None
+    for batch in range(1_000):
+        try:
+            results = await store.create(
+                [new(f"car-{i}", payload=bytes(200)) for i in range(10)],
+                online=(),
+                now_ms=T0 + batch,
+            )
+        except StoreUnavailable as exc:
+            error = exc
+            break
+        accepted += [r.command.command_id for r in results if isinstance(r, Created)]
+    assert error is not None, "the store never filled up"
+    assert "full" in error.message and "map_size_max" in error.message
+    assert len(accepted) > 100
+    # Reads still work, and a refused write changed nothing.
+    assert await status_of(store, accepted[-1]) == t.QUEUED
+    store = await open_store(**sizes)
+    assert await store.recover(now_ms=T0 + 10_000) == len(accepted)
+    loaded = await store.load_pending([f"car-{i}" for i in range(10)])
+    assert sorted(c.command_id for cs in loaded.values() for c in cs) == sorted(accepted)
+    for cid in (accepted[0], accepted[-1]):
+        assert await status_of(store, cid) == t.QUEUED
 
 
 async def test_short_of_room_new_work_is_refused_and_terminal_commands_are_reclaimed(
@@ -1256,72 +1499,6 @@ async def test_a_failed_commit_fails_only_the_writes_that_do_not_fit(
     assert kept in {c.command_id for c in results[2]["car-1"]}
 
 
-async def test_a_large_payload_is_written_once_and_status_changes_rewrite_only_the_record(
-    open_store: OpenStore,
-) -> None:
-    store = await open_store()
-    payload = bytes(range(256)) * 64  # 16 KiB
-    cid = await create_id(store, new(payload=payload), now_ms=T0, online={"car-1"})
-    [delivered] = await store.mark_delivered([(cid, 30_000)], now_ms=T0 + 1)
-    assert delivered.payload == payload
-
-    def sizes(txn: Any) -> tuple[int, int]:
-        record = txn.get(cid.encode(), db=store._commands)
-        kept = txn.get(cid.encode(), db=store._payloads)
-        return len(record), len(kept)
-
-    record_bytes, kept_bytes = await store.writer.submit(sizes)
-    assert record_bytes < 300 and kept_bytes == len(payload)
-    store = await open_store()
-    await store.recover(now_ms=T0 + 2)
-    [loaded] = (await store.load_pending(["car-1"]))["car-1"]
-    assert loaded.payload == payload and (await store.get(cid)).payload == payload
-    await store.record_result(
-        cid, vehicle_id="car-1", success=True, message="", detail=b"", now_ms=T0 + 3
-    )
-    await store.fire_timers(now_ms=T0 + 3 + RETENTION_MS)  # purged with its payload
-    assert await store.writer.submit(lambda txn: txn.get(cid.encode(), db=store._payloads)) is None
-
-
-async def test_a_large_payload_stored_inline_by_an_older_version_survives_a_status_change(
-    store: Store,
-) -> None:
-    payload = bytes(4000)
-    cid = await create_id(store, new(payload=payload), now_ms=T0)
-
-    def as_before(txn: Any) -> None:  # the record as the previous layout wrote it
-        command = t.Command.FromString(txn.get(cid.encode(), db=store._commands))
-        command.payload = payload
-        txn.put(cid.encode(), command.SerializeToString(), db=store._commands)
-        txn.delete(cid.encode(), db=store._payloads)
-
-    await store.writer.submit(as_before)
-    await store.cancel(cid, now_ms=T0 + 1)
-    assert (await store.get(cid)).payload == payload
-
-
-async def test_timer_keys_that_match_no_record_are_dropped_not_swept_forever(
-    store: Store,
-) -> None:
-    # Orphans (a record gone) and stale keys (an older version's timer rule) ahead of
-    # a real expiry, more of them than one sweep takes.
-    real = await create_id(store, new(ttl_ms=1_000), now_ms=T0)
-
-    def litter(txn: Any) -> None:
-        for n in range(1_500):
-            orphan = codec.timer_key(T0 + 500, f"{n:024x}")
-            txn.put(orphan, b"", db=store._timers)
-        txn.put(codec.timer_key(T0 + 600, real), b"", db=store._timers)  # stale
-
-    await store.writer.submit(litter)
-    changed, due = await store.fire_timers(now_ms=T0 + 2_000, limit=1_000)
-    assert due == 1_000 and changed == []
-    changed, due = await store.fire_timers(now_ms=T0 + 2_000, limit=1_000)
-    assert [c.command_id for c in changed] == [real] and due < 1_000
-    state = await dump(store)
-    assert state.timers == [(T0 + 2_000 + RETENTION_MS, real)]  # its own timer only
-
-
 async def test_reclaim_reaches_terminal_commands_behind_many_pending_ones(
     open_store: OpenStore,
 ) -> None:
@@ -1346,21 +1523,3 @@ async def test_reclaim_reaches_terminal_commands_behind_many_pending_ones(
     assert not set(done) & set(state.commands)  # purged ahead of the day's retention
     assert keyed in state.commands  # its idempotency key is still in its window
     assert len(state.commands) == 1_501
-
-
-async def test_a_store_from_a_newer_layout_is_refused_and_released(
-    open_store: OpenStore, tmp_path: Path
-) -> None:
-    store = await open_store()
-    await store.writer.submit(
-        lambda txn: txn.put(b"schema", (99).to_bytes(2, "big"), db=store._meta)
-    )
-    await store.close()
-    with pytest.raises(StoreUnavailable, match="newer broker"):
-        Store(tmp_path / "db")
-    # The folder lock was released: fixing the version (here: the layout) opens it.
-    probe = lmdb.open(str(tmp_path / "db"), max_dbs=9)
-    with probe.begin(write=True) as txn:
-        txn.put(b"schema", (3).to_bytes(2, "big"), db=probe.open_db(b"meta", txn=txn))
-    probe.close()
-    Store(tmp_path / "db")._lock_file.close()

@@ -1,0 +1,131 @@
+"""The one wrapper every gRPC method goes through: authenticate, parse, map errors.
+
+Each servicer method is written as `request, principal -> response`; `unary`,
+`server_stream` and `bidi` turn it into a grpc method handler that
+
+* authenticates the call's metadata (and checks the method's scope),
+* parses the request bytes itself, so a malformed message is INVALID_ARGUMENT rather
+  than grpc's INTERNAL,
+* ends the call with the status a `BrokerError` names, its retry hint as the
+  `grpc-retry-pushback-ms` trailer, and anything unexpected as INTERNAL, logged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from broker.core.errors import BrokerError, InvalidArgument
+from broker.security.auth import Authenticator, Principal
+from broker.wire import PUSHBACK_KEY
+
+logger = logging.getLogger(__name__)
+Context = grpc.aio.ServicerContext[Any, Any]
+Request = TypeVar("Request")
+#: the part of a caller's deadline kept for the reply to reach it
+DEADLINE_MARGIN_S = 0.05
+
+
+class Message(Protocol):
+    def SerializeToString(self) -> bytes: ...
+
+
+def parse(message_type: Callable[..., Request], raw: bytes) -> Request:
+    try:
+        return message_type.FromString(raw)  # type: ignore[attr-defined, no-any-return]
+    except Exception:  # protobuf's DecodeError, or worse for hostile bytes
+        name = message_type.DESCRIPTOR.name  # type: ignore[attr-defined]
+        raise InvalidArgument(f"malformed {name} message") from None
+
+
+def serialize(message: Message) -> bytes:
+    return bytes(message.SerializeToString())
+
+
+async def abort(context: Context, error: BrokerError) -> None:
+    """End the call with the error's status; a retry hint travels as the pushback trailer."""
+    if error.retry_after_ms is not None:
+        context.set_trailing_metadata(((PUSHBACK_KEY, str(error.retry_after_ms)),))
+    await context.abort(grpc.StatusCode[error.code], error.message)
+
+
+@contextlib.asynccontextmanager
+async def statuses(context: Context, what: str) -> AsyncIterator[None]:
+    """Map what the block raises to the call's status (see the module docstring)."""
+    try:
+        yield
+    except BrokerError as exc:
+        await abort(context, exc)
+    except Exception:
+        logger.exception("unexpected error in %s", what)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged)")
+
+
+def deadline_s(context: Context) -> float:
+    """The caller's deadline on our monotonic clock (0: none), less a margin for the
+    reply's way back: work finished after it is work the caller gave up on."""
+    remaining_s = context.time_remaining()
+    if remaining_s is None:
+        return 0.0
+    return time.monotonic() + remaining_s - DEADLINE_MARGIN_S
+
+
+class Handlers:
+    """Builds method handlers around one `Authenticator`."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    def principal(self, context: Context, scope: str | None) -> Principal:
+        principal = self.auth.authenticate(context.invocation_metadata())
+        if scope is not None:
+            principal.require(scope)
+        return principal
+
+    def unary(
+        self,
+        method: Callable[[Request, Principal, float], Awaitable[Message]],
+        scope: str,
+        request_type: Callable[..., Request],
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        what = method.__name__
+
+        async def handle(raw: bytes, context: Context) -> Message | None:
+            async with statuses(context, what):
+                principal = self.principal(context, scope)
+                return await method(parse(request_type, raw), principal, deadline_s(context))
+            return None  # not reached: statuses() ended the call
+
+        return grpc.unary_unary_rpc_method_handler(handle, response_serializer=serialize)
+
+    def server_stream(
+        self,
+        method: Callable[[Request, Principal], AsyncIterator[Message]],
+        scope: str,
+        request_type: Callable[..., Request],
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        what = method.__name__
+
+        async def handle(raw: bytes, context: Context) -> AsyncIterator[Message]:
+            async with statuses(context, what):
+                principal = self.principal(context, scope)
+                async for item in method(parse(request_type, raw), principal):
+                    yield item
+
+        return grpc.unary_stream_rpc_method_handler(handle, response_serializer=serialize)
+
+    def bidi(self, method: Callable[[Context], Awaitable[None]]) -> grpc.RpcMethodHandler[Any, Any]:
+        """A stream whose method reads and writes through the context itself (it
+        authenticates with `principal`, since what it needs depends on the caller)."""
+        what = method.__name__
+
+        async def handle(requests: AsyncIterator[bytes], context: Context) -> None:
+            async with statuses(context, what):
+                await method(context)
+
+        return grpc.stream_stream_rpc_method_handler(handle, response_serializer=serialize)
