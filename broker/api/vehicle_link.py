@@ -33,14 +33,11 @@ class VehicleLink:
         )
 
     async def connect(self, context: Context) -> None:
-        opened = await self._handshake(context)
-        if opened is None:
+        stream = await self._handshake(context)
+        if stream is None:
             return
-        stream, hello = opened
         session = stream.session
         try:
-            session.task = asyncio.current_task()
-            self._links.connected(stream, hello)
             reader = asyncio.create_task(self._read(context, stream))
             try:
                 await self._write(context, stream)
@@ -51,8 +48,8 @@ class VehicleLink:
         if session.close_error is not None:
             raise session.close_error
 
-    async def _handshake(self, context: Context) -> tuple[VehicleStream, link.Hello] | None:
-        """Hello in, Welcome out; None if the car hung up first.
+    async def _handshake(self, context: Context) -> VehicleStream | None:
+        """Hello in, Welcome out, the car's queue on its way; None if the car hung up first.
 
         A function of its own so that what the handshake parsed and built is freed before
         the stream settles down for hours (every byte here is multiplied by the fleet).
@@ -74,10 +71,12 @@ class VehicleLink:
         stream, welcome = await self._links.open(vehicle_id, hello)
         try:
             await context.write(welcome)
+            stream.session.task = asyncio.current_task()
+            self._links.connected(stream, hello)
         except BaseException:
             await self._links.close(stream)
             raise
-        return stream, hello
+        return stream
 
     async def _write(self, context: Context, stream: VehicleStream) -> None:
         session = stream.session
