@@ -38,7 +38,7 @@ class _VehicleQueue:
     #: (-lane, seq, command_id): highest lane first, FIFO within a lane.
     heap: list[tuple[int, int, str]] = field(default_factory=list)
     #: Every non-terminal command of this vehicle, by id (latest known record).
-    commands: dict[str, Any] = field(default_factory=dict)
+    commands: dict[str, t.Command] = field(default_factory=dict)
     #: Sent on the current stream (or acked on any), awaiting a result.
     in_flight: set[str] = field(default_factory=set)
     #: The store has not answered `load_pending` yet: nothing is sent meanwhile.
@@ -46,7 +46,7 @@ class _VehicleQueue:
     #: What the car said it already has (Hello.recent_command_ids), used once loaded.
     recent_command_ids: Collection[str] = ()
 
-    def push(self, command: Any) -> None:
+    def push(self, command: t.Command) -> None:
         heapq.heappush(self.heap, (-command.lane, command.seq, command.command_id))
 
 
@@ -226,7 +226,7 @@ class Dispatcher:
         self._record(write)
         return await asyncio.shield(write)
 
-    def current(self, vehicle_id: str, command_id: str) -> Any | None:
+    def current(self, vehicle_id: str, command_id: str) -> t.Command | None:
         """The latest record of a non-terminal command, from memory; None if not pending."""
         queue = self._queues.get(vehicle_id)
         return queue.commands.get(command_id) if queue is not None else None
@@ -253,7 +253,7 @@ class Dispatcher:
         batch, self._to_load = self._to_load, {}
         write = self._store.load_pending(list(batch))
 
-        def loaded(future: asyncio.Future[dict[str, list[Any]]]) -> None:
+        def loaded(future: asyncio.Future[dict[str, list[t.Command]]]) -> None:
             failed = future.cancelled() or future.exception() is not None
             if failed:
                 why = "cancelled" if future.cancelled() else future.exception()
@@ -374,7 +374,7 @@ class Dispatcher:
         if command is not None:
             self._mark_acked(command)
 
-    def _mark_acked(self, command: Any) -> None:
+    def _mark_acked(self, command: t.Command) -> None:
         timeout_ms = int(self._config.policy(command.name).result_timeout_s * 1000)
         self._record(
             self._store.mark_acked(
@@ -440,7 +440,7 @@ class Dispatcher:
             queue.in_flight.add(command_id)
             session.send_command(command, command.attempt + 1)
 
-    def _apply(self, command: Any) -> None:
+    def _apply(self, command: t.Command) -> None:
         """Take in a recorded change: update memory, wake waiters, refill the window."""
         self._events.publish(command)
         queue = self._queues.get(command.vehicle_id)

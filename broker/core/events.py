@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Collection
-from typing import Any
 
 from broker.core.errors import BrokerError, QuotaExceeded, Unavailable, retry_hint_ms
+from broker.v1 import types_pb2 as t
 
-Predicate = Callable[[Any], bool]
+Predicate = Callable[[t.Command], bool]
 
 
 class _Watcher:
     def __init__(self, vehicle_ids: Collection[str], command_ids: Collection[str], depth: int):
         self.vehicle_ids = frozenset(vehicle_ids)
         self.command_ids = frozenset(command_ids)
-        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=depth)
+        self.queue: asyncio.Queue[t.Command | None] = asyncio.Queue(maxsize=depth)
         self.overflowed = False
         #: set when the stream must end (shutdown), after what is queued
         self.closing: BrokerError | None = None
 
-    def wants(self, command: Any) -> bool:
+    def wants(self, command: t.Command) -> bool:
         if not self.vehicle_ids and not self.command_ids:
             return True
         return command.vehicle_id in self.vehicle_ids or command.command_id in self.command_ids
@@ -30,7 +30,7 @@ class EventHub:
     """Publishes each recorded status change once, after it is durable."""
 
     def __init__(self, *, watcher_depth: int = 10_000) -> None:
-        self._waiters: dict[str, list[tuple[Predicate, asyncio.Future[Any]]]] = {}
+        self._waiters: dict[str, list[tuple[Predicate, asyncio.Future[t.Command | None]]]] = {}
         self._watchers: set[_Watcher] = set()
         self._watcher_depth = watcher_depth
         #: status -> how many changes to it were published (command outcomes, for metrics)
@@ -38,7 +38,7 @@ class EventHub:
         #: shutting down: waiters are answered at once (with None), watches end
         self.draining = False
 
-    def publish(self, command: Any) -> None:
+    def publish(self, command: t.Command) -> None:
         self.status_counts[command.status] = self.status_counts.get(command.status, 0) + 1
         waiters = self._waiters.get(command.command_id)
         if waiters:
@@ -62,12 +62,12 @@ class EventHub:
             except asyncio.QueueFull:
                 watcher.overflowed = True  # the watch loop ends the stream with a status
 
-    def waiter(self, command_id: str, predicate: Predicate) -> asyncio.Future[Any]:
+    def waiter(self, command_id: str, predicate: Predicate) -> asyncio.Future[t.Command | None]:
         """A future set with the first published change of `command_id` matching `predicate`.
 
         Register it *before* reading the current status, so no change slips between.
         """
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[t.Command | None] = asyncio.get_running_loop().create_future()
         if self.draining:
             future.set_result(None)
             return future
@@ -92,7 +92,7 @@ class EventHub:
             if not watcher.queue.full():
                 watcher.queue.put_nowait(None)  # wake it
 
-    def forget(self, command_id: str, future: asyncio.Future[Any]) -> None:
+    def forget(self, command_id: str, future: asyncio.Future[t.Command | None]) -> None:
         waiters = self._waiters.get(command_id)
         if waiters is None:
             return
@@ -102,7 +102,7 @@ class EventHub:
 
     async def watch(
         self, vehicle_ids: Collection[str], command_ids: Collection[str]
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncIterator[t.Command]:
         """Changes matching the filters (all, if both are empty) until the caller stops."""
         if self.draining:
             raise Unavailable("the broker is shutting down", retry_after_ms=retry_hint_ms())

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from broker.core.errors import BrokerError, Replaced, Unavailable
+from broker.v1 import types_pb2 as t
 
 #: Put in a session's outbox to end its stream.
 CLOSE = object()
@@ -22,7 +23,7 @@ class CommandOut:
 
     __slots__ = ("attempt", "command", "recorded")
 
-    def __init__(self, command: Any, attempt: int, recorded: bool) -> None:
+    def __init__(self, command: t.Command, attempt: int, recorded: bool) -> None:
         self.command = command
         self.attempt = attempt
         self.recorded = recorded
@@ -98,12 +99,12 @@ class Session:
         if not self.closed:
             self.outbox.put(frame)
 
-    def send_command(self, command: Any, attempt: int) -> None:
+    def send_command(self, command: t.Command, attempt: int) -> None:
         """Queue a command; the stream records its delivery before writing it."""
         if not self.closed:
             self.outbox.put(CommandOut(command, attempt, recorded=False))
 
-    def send_recorded(self, command: Any) -> None:
+    def send_recorded(self, command: t.Command) -> None:
         """Queue a command whose delivery the store has recorded already (its attempt)."""
         if not self.closed:
             self.outbox.put(CommandOut(command, command.attempt, recorded=True))
