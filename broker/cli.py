@@ -25,7 +25,8 @@ from broker.sdk.client import (
     BrokerRpcError,
     command_to_dict,
 )
-from broker.security.auth import issue_token
+from broker.security.keys import KEY_ID_BYTES, generate_key_pair, key_id, load_private_key
+from broker.security.tokens import b64decode_canonical, issue_token
 from broker_ext._compat import extensions_summary
 
 if TYPE_CHECKING:
@@ -72,8 +73,46 @@ class _Parser(argparse.ArgumentParser):
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help="broker HOST:PORT")
-    parser.add_argument("--token", help="bearer token (default: $BROKER_TOKEN)")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the bearer token (default: $BROKER_TOKEN; never the token itself "
+        "on the command line, where other users see it)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    _tls_client_args(parser)
+
+
+def _tls_client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("BROKER_TLS_CA"),
+        help="trust this CA and connect over TLS (default: $BROKER_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get("BROKER_TLS_CERT"),
+        help="client certificate for mTLS (default: $BROKER_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=os.environ.get("BROKER_TLS_KEY"),
+        help="its private key (default: $BROKER_TLS_KEY)",
+    )
+
+
+def _credentials(args: argparse.Namespace) -> Any:
+    """Channel credentials from --tls-ca/--tls-cert/--tls-key, or None (plaintext)."""
+    if not args.tls_ca:
+        if args.tls_cert or args.tls_key:
+            raise InvalidArgument("--tls-cert/--tls-key need --tls-ca")
+        return None
+    from broker.security.tls import channel_credentials
+
+    try:
+        return channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"TLS files: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +129,42 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--durability", choices=["fsync", "relaxed"])
     serve.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics (default: off)")
     serve.add_argument("--log-format", choices=["text", "json"])
+    serve.add_argument("--tls-cert", help="server certificate chain (PEM); with --tls-key: TLS")
+    serve.add_argument("--tls-key", help="server private key (PEM)")
+    serve.add_argument("--tls-client-ca", help="CA of client certificates: mTLS, cars by cert")
+    serve.add_argument(
+        "--plaintext-on-private-network",
+        action="store_true",
+        default=None,
+        help="serve plaintext on a non-loopback address (a TLS proxy in front)",
+    )
+    serve.add_argument(
+        "--metrics-on-network-in-dev",
+        action="store_true",
+        default=None,
+        help="with --insecure-dev, allow --metrics on a non-loopback address",
+    )
+    serve.add_argument(
+        "--reflection",
+        choices=["auto", "on", "off"],
+        help="gRPC server reflection (auto: on in insecure-dev mode only)",
+    )
+
+    certs = sub.add_parser("certs", help="a development CA and certificates for TLS and mTLS")
+    certs_sub = certs.add_subparsers(dest="certs_cmd", required=True)
+    init = certs_sub.add_parser("init", help="a CA (ca.pem, ca.key) and a server certificate")
+    init.add_argument("--out", type=Path, required=True, help="folder to write them to")
+    init.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="server DNS name or IP (repeatable; default localhost, 127.0.0.1)",
+    )
+    for kind in ("car", "service"):
+        one = certs_sub.add_parser(kind, help=f"a client certificate naming a {kind}")
+        one.add_argument("name", nargs="+", help="vehicle id(s)" if kind == "car" else "name(s)")
+        one.add_argument("--ca", type=Path, required=True, help="the folder `certs init` wrote")
+        one.add_argument("--out", type=Path, help="where to write NAME.pem/.key (default --ca)")
 
     send = sub.add_parser("send", help="send a command to a vehicle")
     send.add_argument("vehicle")
@@ -129,20 +204,31 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--storm-factor", type=float, default=1.0,
                      help="multiply telemetry rate and verbosity; SIGUSR1 multiplies it by "
                      "10 while running, SIGUSR2 ends the storm")  # fmt: skip
-    sim.add_argument("--secret", help="sign per-car tokens with this secret "
-                     "(default: $BROKER_AUTH_SECRET; none against --insecure-dev)")  # fmt: skip
+    sim.add_argument("--tls-ca", type=Path, help="trust this CA: connect over TLS")
+    sim.add_argument("--cert-dir", type=Path,
+                     help="mTLS: each car presents CERT_DIR/<vehicle id>.pem and .key")  # fmt: skip
+    sim.add_argument("--vehicle-key", type=Path, help="mint each car's tokens with this "
+                     "vehicle signing key file (default: $BROKER_VEHICLE_KEY; none against "
+                     "--insecure-dev)")  # fmt: skip
 
-    token = sub.add_parser("token", help="tokens")
+    token = sub.add_parser("token", help="signing keys and tokens")
     token_sub = token.add_subparsers(dest="token_cmd", required=True)
-    issue = token_sub.add_parser("issue", help="sign a token with $BROKER_AUTH_SECRET")
+    keygen = token_sub.add_parser(
+        "keygen", help="an Ed25519 key pair: NAME.private.pem (0600) and NAME.public.pem"
+    )
+    keygen.add_argument("--out", type=Path, required=True, help="folder (made 0700 if missing)")
+    keygen.add_argument("--name", required=True, help="e.g. vehicle-2025a, service-2025a")
+    issue = token_sub.add_parser("issue", help="mint a token with a private key file")
+    issue.add_argument("--key-file", type=Path, required=True, help="NAME.private.pem")
     who = issue.add_mutually_exclusive_group(required=True)
     who.add_argument("--vehicle")
     who.add_argument("--service")
     issue.add_argument("--scopes", default="", help="comma-separated: send,read,admin")
     issue.add_argument(
-        "--ttl", type=_seconds(100 * 365 * 86400), default=365 * 86400, help="seconds"
-    )
-    issue.add_argument("--secret", help="default: $BROKER_AUTH_SECRET")
+        "--ttl", type=_seconds(30 * 86400),
+        help="seconds (default: 86400 for a vehicle, 3600 for a service; the broker refuses "
+        "more than its auth_*_max_ttl_s)",
+    )  # fmt: skip
     return parser
 
 
@@ -161,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.cmd == "token":
             return _token(args)
+        if args.cmd == "certs":
+            return _certs(args)
         if args.cmd == "vehicle-sim":
             return _run(lambda: _vehicle_sim(args))
         return _run(lambda: _client_command(args))
@@ -213,6 +301,12 @@ def _serve(args: argparse.Namespace) -> int:
             "durability": args.durability,
             "metrics_listen": args.metrics,
             "log_format": args.log_format,
+            "tls_cert_file": args.tls_cert,
+            "tls_key_file": args.tls_key,
+            "tls_client_ca_file": args.tls_client_ca,
+            "plaintext_on_private_network": args.plaintext_on_private_network,
+            "metrics_on_network_in_dev": args.metrics_on_network_in_dev,
+            "reflection": args.reflection,
         },
         config_file=args.config,
     )
@@ -237,6 +331,8 @@ def _serve(args: argparse.Namespace) -> int:
         port = await instance.start()
         host = config.listen.rpartition(":")[0]
         auth = "insecure-dev" if config.insecure_dev else "tokens"
+        if config.tls_cert_file:
+            auth += "+mtls" if config.tls_client_ca_file else "+tls"
         print(
             f"broker ready on {host}:{port} data={config.data_dir} loop={loop_kind} "
             f"extensions={extensions_summary()} auth={auth}"
@@ -256,34 +352,68 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve())
 
 
+# -- certs ------------------------------------------------------------------------------------
+
+
+def _certs(args: argparse.Namespace) -> int:
+    """A development CA: for production, issue certificates from your own PKI with the
+    same URI SANs (`urn:vehicle:<id>`, `urn:service:<name>`)."""
+    from broker.security import tls
+
+    try:
+        if args.certs_cmd == "init":
+            tls.create_ca(args.out)
+            hosts = args.host or ["localhost", "127.0.0.1"]
+            cert, key = tls.issue_certificate(args.out, "server", server_hosts=hosts)
+            print(f"wrote {args.out / 'ca.pem'}, {args.out / 'ca.key'} (keep it off the broker), "
+                  f"{cert}, {key} for {', '.join(hosts)}")  # fmt: skip
+            return 0
+        for name in args.name:
+            options = {"vehicle_id": name} if args.certs_cmd == "car" else {"service": name}
+            cert, key = tls.issue_certificate(args.ca, name, out=args.out, **options)
+            print(f"wrote {cert}, {key}")
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"certs: {exc}") from None
+    return 0
+
+
 # -- token ------------------------------------------------------------------------------------
 
 
-def _secret(explicit: str | None) -> str:
-    secret = explicit or os.environ.get("BROKER_AUTH_SECRET", "")
-    if not secret:
-        raise InvalidArgument("no secret: pass --secret or set BROKER_AUTH_SECRET")
-    if len(secret) < 16:
-        raise InvalidArgument("the secret must be at least 16 characters, as the broker's is")
-    return secret
-
-
 def _token(args: argparse.Namespace) -> int:
+    """`keygen` writes a key pair; `issue` prints a token on stdout (its id, key and
+    expiry on stderr, for the revocation list and the record)."""
+    if args.token_cmd == "keygen":
+        private_path, public_path = generate_key_pair(args.out, args.name)
+        kid = key_id(load_private_key(private_path).public_key()).hex()
+        print(f"key id {kid}: wrote {private_path} (keep it off the broker) and {public_path}")
+        return 0
+    key = load_private_key(args.key_file)
     scopes = [s for s in args.scopes.split(",") if s]
     try:
-        print(
-            issue_token(
-                _secret(args.secret),
-                vehicle=args.vehicle,
-                service=args.service,
-                scopes=scopes,
-                ttl_s=args.ttl,
-            )
+        token = issue_token(
+            key, vehicle=args.vehicle, service=args.service, scopes=scopes, ttl_s=args.ttl
         )
     except ValueError as exc:
-        print(f"error: INVALID_ARGUMENT: {exc}", file=sys.stderr)
-        return 2
+        raise InvalidArgument(str(exc)) from None
+    claims = json.loads(b64decode_canonical(token.split(".")[1], "body")[KEY_ID_BYTES:])
+    print(token)
+    print(
+        f"token id {claims['jti']}, key id {key_id(key.public_key()).hex()}, "
+        f"expires at {claims['exp']}",
+        file=sys.stderr,
+    )
     return 0
+
+
+def _bearer_token(args: argparse.Namespace) -> str | None:
+    """The client commands' token: --token-file, else $BROKER_TOKEN."""
+    if args.token_file is None:
+        return os.environ.get("BROKER_TOKEN") or None
+    try:
+        return args.token_file.read_text().strip() or None
+    except OSError as exc:
+        raise InvalidArgument(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
 
 
 # -- client commands --------------------------------------------------------------------------
@@ -302,9 +432,12 @@ def _emit(args: argparse.Namespace, command: Any, **extra: Any) -> None:
 
 
 async def _client_command(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("BROKER_TOKEN")
+    token = _bearer_token(args)
     # A person at a prompt wants to hear at once that the broker is not there.
-    async with BrokerClient(args.target, token=token, reconnect_wait_s=0) as client:
+    credentials = _credentials(args)
+    async with BrokerClient(
+        args.target, token=token, credentials=credentials, reconnect_wait_s=0
+    ) as client:
         if args.cmd == "send":
             payload = None
             if args.payload is not None:
@@ -372,10 +505,12 @@ def _print_state(args: argparse.Namespace, state: Any) -> None:
 async def _vehicle_sim(args: argparse.Namespace) -> int:
     from broker.sdk.simulator import SimulatedFleet
 
-    secret = args.secret or os.environ.get("BROKER_AUTH_SECRET") or None
+    key_env = os.environ.get("BROKER_VEHICLE_KEY")
+    vehicle_key = args.vehicle_key or (Path(key_env) if key_env else None)
     fleet = SimulatedFleet(
         args.target, [f"{args.id_prefix}{i}" for i in range(args.vehicles)],
-        secret=secret, telemetry_hz=args.telemetry_hz, rng=random.Random(),
+        vehicle_key=vehicle_key, tls_ca=args.tls_ca, cert_dir=args.cert_dir,
+        telemetry_hz=args.telemetry_hz, rng=random.Random(),
         obey_policy=not args.ignore_policy,
     )  # fmt: skip
     stop = asyncio.Event()

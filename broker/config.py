@@ -50,8 +50,34 @@ class Config:
     metrics_listen: str = ""
     data_dir: Path = Path("broker-data")
     insecure_dev: bool = False
-    #: HMAC secret for tokens (required unless insecure_dev). Never logged.
-    auth_secret: str = field(default="", repr=False)
+    #: TLS: the server's certificate chain and key (PEM); both or neither. With
+    #: tls_client_ca_file every client must present a certificate that CA signed (mTLS):
+    #: a car's identity is then its certificate's URI SAN `urn:vehicle:<id>`
+    #: (broker/security/tls.py). The files are reloaded for new connections when they change.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    #: serve plaintext on a non-loopback address (only behind a proxy that terminates TLS
+    #: on a private link): without it, a non-loopback listen needs TLS
+    plaintext_on_private_network: bool = False
+    #: serve /metrics on a non-loopback address in insecure-dev mode (it needs no token)
+    metrics_on_network_in_dev: bool = False
+    #: gRPC server reflection (lists every method to anyone who can connect): on in
+    #: insecure-dev mode, off otherwise unless set; health checks are always served
+    reflection: str = "auto"
+    #: public keys (PEM files, or folders of *.public.pem; comma-separated) whose Ed25519
+    #: signatures make vehicle tokens, and those that make service tokens: one key never
+    #: in both, and every key listed is accepted (rotate by adding the new key first).
+    #: Both are required unless insecure_dev; the broker holds no key that can mint.
+    auth_vehicle_keys: str = ""
+    auth_service_keys: str = ""
+    #: token ids (one per line) refused from now on; re-read when the file changes
+    auth_revocation_file: str = ""
+    #: the longest token lifetime (exp - iat) accepted, per kind
+    auth_vehicle_max_ttl_s: float = 7 * 86400
+    auth_service_max_ttl_s: float = 86400
+    #: how far in the future a token's iat/nbf may be (the issuer's clock ahead of ours)
+    auth_clock_skew_s: float = 60
     #: "fsync": every group commit is on disk before any command in it is acknowledged.
     #: "relaxed": commits are not fsynced; a power loss (not a process crash) may lose
     #: the last ~second of accepted commands. The store syncs once a second.
@@ -72,6 +98,17 @@ class Config:
     default_wait_timeout_s: float = 30
     max_wait_timeout_s: float = 300
     hello_timeout_s: float = 10
+    #: HTTP/2 streams one connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS). A car
+    #: needs one; a service's channel or a proxy multiplexing cars needs as many as it
+    #: keeps in flight on one connection (past it, grpc clients queue and proxies open
+    #: another connection: docs/operations.md)
+    max_concurrent_streams: int = 1000
+    #: a unary or server-streaming call whose request message has not arrived this long
+    #: after its HEADERS is ended (INVALID_ARGUMENT); car streams have hello_timeout_s
+    first_message_timeout_s: float = 10
+    #: calls open at once from one peer address, car streams included (0: no limit);
+    #: behind a proxy every call has the proxy's address: 0 there, and limit in the proxy
+    max_streams_per_peer: int = 10_000
     #: a car sends a frame at least this often (Welcome tells it); a stream silent for
     #: liveness_timeout_s is closed as a dead link (checked every liveness_timeout_s / 8).
     #: A direct link that dies is found sooner by the server's HTTP/2 keepalive (20 s +
@@ -132,6 +169,11 @@ class Config:
         """The longest TTL a caller may ask for on `lane` (the lane table names the setting)."""
         return float(getattr(self, lanes.BY_VALUE[lane].max_ttl_setting))
 
+    @property
+    def reflection_on(self) -> bool:
+        """Whether server reflection is served ('auto': in insecure-dev mode only)."""
+        return self.reflection == "on" or (self.reflection == "auto" and self.insecure_dev)
+
     def validate(self) -> None:
         for name in ("listen", "metrics_listen"):
             value = getattr(self, name)
@@ -141,15 +183,52 @@ class Config:
             ):
                 raise InvalidArgument(f"{name}: expected HOST:PORT, got {value!r}")
         host = self.listen.rpartition(":")[0]
+        tls_files = (self.tls_cert_file, self.tls_key_file)
+        if any(tls_files) and not all(tls_files):
+            raise InvalidArgument("tls_cert_file and tls_key_file: give both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise InvalidArgument("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise InvalidArgument(f"{name}: no such file {path!r}")
+        if (
+            not self.tls_cert_file
+            and not _is_loopback(host)
+            and not self.insecure_dev
+            and not self.plaintext_on_private_network
+        ):
+            raise InvalidArgument(
+                f"refusing to serve plaintext on {host!r}: tokens and commands would cross "
+                "the network in the clear. Give tls_cert_file and tls_key_file (TLS), or "
+                "plaintext_on_private_network (--plaintext-on-private-network) if a proxy "
+                "on a private link terminates TLS in front of this broker"
+            )
+        metrics_host = self.metrics_listen.rpartition(":")[0]
+        if (
+            self.metrics_listen
+            and self.insecure_dev
+            and not _is_loopback(metrics_host)
+            and not self.metrics_on_network_in_dev
+        ):
+            raise InvalidArgument(
+                f"insecure-dev mode serves /metrics on loopback only; refusing {metrics_host!r} "
+                "(metrics_on_network_in_dev / --metrics-on-network-in-dev if intended)"
+            )
+        if self.reflection not in ("auto", "on", "off"):
+            raise InvalidArgument(f"reflection: 'auto', 'on' or 'off', got {self.reflection!r}")
         if self.insecure_dev and not _is_loopback(host):
             raise InvalidArgument(
                 f"--insecure-dev disables auth and binds loopback only; refusing {host!r}"
             )
-        if not self.insecure_dev and len(self.auth_secret) < 16:
-            raise InvalidArgument(
-                "auth_secret (BROKER_AUTH_SECRET) of at least 16 characters is required "
-                "unless --insecure-dev is given"
-            )
+        if not self.insecure_dev:
+            for name in ("auth_vehicle_keys", "auth_service_keys"):
+                if not getattr(self, name).strip():
+                    raise InvalidArgument(
+                        f"{name} (BROKER_{name.upper()}): the public keys that sign tokens are "
+                        "required unless --insecure-dev is given (make a pair with "
+                        "`broker token keygen`)"
+                    )
         if self.durability not in ("fsync", "relaxed"):
             raise InvalidArgument(f"durability: 'fsync' or 'relaxed', got {self.durability!r}")
         if self.log_format not in ("text", "json"):
@@ -165,7 +244,8 @@ class Config:
             "admission_min_limit", "admission_max_limit", "codel_target_ms", "codel_interval_ms",
             "critical_per_minute", "critical_burst", "durable_queue_budget",
             "critical_max_ttl_s", "max_ttl_s", "heartbeat_interval_s", "liveness_timeout_s",
-            "critical_commit_wait_s",
+            "critical_commit_wait_s", "auth_vehicle_max_ttl_s", "auth_service_max_ttl_s",
+            "max_concurrent_streams", "first_message_timeout_s",
         ]  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
@@ -177,7 +257,10 @@ class Config:
                 f"store_reserve_mb ({self.store_reserve_mb}) must be at most half of "
                 f"map_size_max_mb ({self.map_size_max_mb}), or no command is ever accepted"
             )
-        for name in ("store_reserve_mb", "drain_delay_s", "grace_s"):
+        for name in (
+            "store_reserve_mb", "drain_delay_s", "grace_s", "auth_clock_skew_s",
+            "max_streams_per_peer",
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name}: must not be negative, got {getattr(self, name)!r}")
         if self.liveness_timeout_s <= self.heartbeat_interval_s:

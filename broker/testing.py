@@ -19,6 +19,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.security.keys import generate_key_pair, load_private_key
+from broker.security.tokens import issue_token
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 #: Only a whole line (with its newline) counts, so `metrics=` is never missed.
@@ -26,6 +31,47 @@ READY_LINE = re.compile(
     r"broker ready on (?P<host>[^\s:]+):(?P<port>\d+) .*loop=(?P<loop>\S+) "
     r"extensions=(?P<extensions>.*) auth=\S+(?: metrics=(?P<metrics>\S+))?\n"
 )
+
+
+class AuthKeys:
+    """A vehicle and a service signing key pair in `folder` (made by `create`), for
+    brokers that e2e tests and load tools start: the broker gets the public halves
+    (`broker_env`), the test or tool mints tokens with the private ones."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.vehicle_key = folder / "vehicle.private.pem"
+        self.service_key = folder / "service.private.pem"
+        self.vehicle_public = folder / "vehicle.public.pem"
+        self.service_public = folder / "service.public.pem"
+        self._loaded: dict[Path, Ed25519PrivateKey] = {}
+
+    @classmethod
+    def create(cls, folder: Path) -> AuthKeys:
+        for name in ("vehicle", "service"):
+            generate_key_pair(folder, name)
+        return cls(folder)
+
+    def broker_env(self) -> dict[str, str]:
+        """The settings that make a broker trust these keys."""
+        return {
+            "BROKER_AUTH_VEHICLE_KEYS": str(self.vehicle_public),
+            "BROKER_AUTH_SERVICE_KEYS": str(self.service_public),
+        }
+
+    def _key(self, path: Path) -> Ed25519PrivateKey:
+        if path not in self._loaded:
+            self._loaded[path] = load_private_key(path)
+        return self._loaded[path]
+
+    def vehicle_token(self, vehicle_id: str, **kwargs: Any) -> str:
+        return issue_token(self._key(self.vehicle_key), vehicle=vehicle_id, **kwargs)
+
+    def service_token(self, *scopes: str, name: str = "tests", **kwargs: Any) -> str:
+        """A service token with `scopes` (default: send, read)."""
+        return issue_token(
+            self._key(self.service_key), service=name, scopes=scopes or ("send", "read"), **kwargs
+        )
 
 
 def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -89,7 +135,7 @@ class BrokerProcess:
     `host` and `prefix` run it elsewhere on this machine: e.g. `prefix=("ip", "netns",
     "exec", NS)` with `host` an address of a network namespace the caller made.
 
-    With `secret` it requires tokens signed with it (BROKER_AUTH_SECRET), without it runs
+    With `keys` (an `AuthKeys`) it requires tokens signed by them, without it runs
     `--insecure-dev`. Its environment is `clean_env(env)`; `args` go after the others.
     `port=0` takes a free port (read from the "broker ready on HOST:PORT ..." line); a
     second `start()`, a restart over the same data folder, binds the same port again.
@@ -100,7 +146,7 @@ class BrokerProcess:
         data_dir: Path,
         log_path: Path,
         *,
-        secret: str | None = None,
+        keys: AuthKeys | None = None,
         port: int = 0,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
@@ -112,13 +158,13 @@ class BrokerProcess:
         self.prefix = list(prefix)
         self.log_path = log_path
         self.port = port
-        self.secret = secret
+        self.keys = keys
         self.args = list(args)
         # No drain delay unless asked for: nothing polls these brokers' health.
         self.env = clean_env(
             {
                 "BROKER_DRAIN_DELAY_S": "0",
-                **({"BROKER_AUTH_SECRET": secret} if secret else {}),
+                **(keys.broker_env() if keys else {}),
                 **(env or {}),
             }
         )
@@ -157,7 +203,7 @@ class BrokerProcess:
                     *self.prefix,
                     *(sys.executable, "-m", "broker.cli", "serve"),
                     *("--listen", self.target, "--data", str(self.data_dir)),
-                    *([] if self.secret else ["--insecure-dev"]),
+                    *([] if self.keys else ["--insecure-dev"]),
                     *self.args,
                 ],
                 stdin=subprocess.DEVNULL,

@@ -27,6 +27,8 @@ UNTHROTTLED = {
     "BROKER_CRITICAL_BURST": "1000000000",
     "BROKER_NEW_STREAMS_PER_S": "1e6",
     "BROKER_NEW_STREAMS_BURST": "1e6",
+    # every simulated car and client of the load tools comes from one address
+    "BROKER_MAX_STREAMS_PER_PEER": "0",
 }
 #: ...and the telemetry guard opened wide, so every batch is applied (ingest cost, not the
 #: guard's shedding, is what gets measured).

@@ -1,6 +1,6 @@
 """The benchmark report: every figure of the broker beside its ceiling, measured in one run.
 
-    python -m loadtests.bench                  # `make bench`: ~5 minutes on 2 cores
+    python -m loadtests.bench                  # `make bench`: ~7 minutes on 2 cores (est.)
     python -m loadtests.bench --quick          # ~1 minute smoke run; --help for the knobs
     python -m loadtests.bench --only unary     # some rows only
 
@@ -52,6 +52,26 @@ Rows, and how to read them:
    step (half the fleet ignores the broker's telemetry policy); the ceiling column is the
    same unlocks (wait=result) before the storm.
 
+7. `SendCommand over TLS` (`tls-unary`): the SendCommand wait=none series of row 3 at
+   the highest level, four points in turn with all four servers up: the bare unary
+   server in plaintext and over TLS, a broker in plaintext and one over TLS (`--tls-cert`,
+   `--tls-key`; certificates from `loadtests.tlscost.BenchCerts`, a dev CA of the run).
+   Both brokers are --insecure-dev like every other row, so only the transport differs;
+   each client process holds one TLS connection, so this is the cost per message
+   (encryption), not per handshake (row 9). The table: ours over TLS beside the bare
+   server over TLS, and each one's TLS / plaintext ratio.
+8. `telemetry ingest over TLS` (`tls-telemetry`): row 2 four times, each server fresh:
+   bare plaintext, broker plaintext, bare over TLS, broker over TLS (same clients, with
+   `--tls-ca`).
+9. `new mTLS car streams per core` (`mtls-handshake`): `--handshake-cars` cars, each on
+   its own connection with its own client certificate (URI SAN urn:vehicle:ID, from
+   which the broker takes the car's identity; no token), Hello → Welcome, opened
+   `--handshake-concurrency` at a time in all by the `--client-procs` handshake clients
+   (`loadtests.ceilings handshake-client`, after a few unmeasured warm-up cars); beside a
+   bare grpc.aio server requiring client certificates that answers the Hello with a
+   Welcome. Per core: cars welcomed / the server's CPU seconds (/proc/PID/stat) from `go`
+   to the last client's report; cars/s and connect-to-Welcome latency in the detail.
+
 Rates count what completed inside the measured window (after `--warmup`); latencies are
 nearest-rank percentiles (time.perf_counter) of the successful calls started in it. CPU %
 is CPU time over the window in % of one core. Figures compare only on the same machine:
@@ -90,10 +110,14 @@ from loadtests import drills, mosquitto, report
 from loadtests._util import UNTHROTTLED, WIDE_OPEN, CpuMeter, Window, hdr_ms
 from loadtests.cars import CarsProcess
 from loadtests.ceilings import CeilingServer, drive_clients
+from loadtests.tlscost import BenchCerts, measure_handshakes
 
 T = TypeVar("T")
 COMMAND = "unlock"
-ROWS = ("streams", "telemetry", "unary", "batch", "storm", "drain")
+ROWS = (
+    "streams", "telemetry", "unary", "tls-unary", "tls-telemetry", "mtls-handshake", "batch",
+    "storm", "drain",
+)  # fmt: skip
 #: Safety cap on batches per measurement, far above what a run can reach (time ends first).
 MAX_CALLS = 5_000_000
 GUARD_OUTCOMES = ("admitted", "coalesced", "sampled_out", "shed")
@@ -119,6 +143,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--telemetry-streams", type=int, help="streams writing telemetry (200; quick 100)")
     add("--concurrency-levels", help="SendCommand calls in flight (1,4,16,64)")
     add("--cars", type=int, help="connected cars for wait=result (100; quick 20)")
+    add("--handshake-cars", type=int, help="new mTLS car streams, row 9 (2000; quick 500)")
+    add(
+        "--handshake-concurrency",
+        type=int,
+        default=64,
+        help="mTLS car streams opening at once, in all (row 9)",
+    )
     add("--batch-sizes", help="SendCommands batch sizes (64,512; quick 64)")
     add("--parked-cars", type=int, default=1000, help="offline vehicle ids")
     add(
@@ -153,13 +184,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "duration": 1.0, "warmup": 0.5, "streams": 2000, "telemetry_streams": 100,
         "concurrency_levels": "1,4,16,64", "cars": 20, "batch_sizes": "64",
         "wait_timeout": 3.0, "drain_cars": 200, "loss_wait": 3.0, "storm_cars": 60,
-        "storm_unlocks": 30,
+        "storm_unlocks": 30, "handshake_cars": 500,
     }  # fmt: skip
     full = {
         "duration": 10.0, "warmup": 1.0, "streams": 10_000, "telemetry_streams": 200,
         "concurrency_levels": "1,4,16,64", "cars": 100, "batch_sizes": "64,512",
         "wait_timeout": 10.0, "drain_cars": 1000, "loss_wait": 10.0, "storm_cars": 300,
-        "storm_unlocks": 150,
+        "storm_unlocks": 150, "handshake_cars": 2000,
     }  # fmt: skip
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
@@ -184,7 +215,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     positive = (
         "duration", "client_procs", "streams", "telemetry_streams", "cars", "parked_cars",
         "wait_timeout", "drain_cars", "drain_per_car", "loss_wait", "mqtt_procs",
-        "storm_cars", "storm_unlocks",
+        "storm_cars", "storm_unlocks", "handshake_cars", "handshake_concurrency",
     )  # fmt: skip
     for name in positive:
         if getattr(args, name) <= 0:
@@ -202,10 +233,18 @@ def row_limits_s(args: argparse.Namespace) -> dict[str, float]:
         "streams": 2 * (connect + 60),
         "telemetry": 2 * (window + 120),
         "unary": len(args.concurrency_levels) * 3 * (window + args.wait_timeout + 100) + 60,
+        "tls-unary": 4 * (window + args.wait_timeout + 100) + 60,
+        "tls-telemetry": 4 * (window + 120),
+        "mtls-handshake": 2 * (handshake_timeout_s(args) + 120),
         "batch": len(args.batch_sizes) * 2 * (window + args.wait_timeout + 40),
         "storm": 300,
         "drain": 600 + 4 * args.loss_wait,
     }
+
+
+def handshake_timeout_s(args: argparse.Namespace) -> float:
+    """How long the mTLS cars of row 9 may take to open, generously (20 cars/s)."""
+    return max(60.0, args.handshake_cars / 20)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -220,14 +259,19 @@ async def within(seconds: float, what: str, work: Awaitable[T]) -> T:
 
 
 def bench_broker(
-    args: argparse.Namespace, name: str, workdir: Path, env: dict[str, str] = UNTHROTTLED
+    args: argparse.Namespace,
+    name: str,
+    workdir: Path,
+    env: dict[str, str] = UNTHROTTLED,
+    extra: Sequence[str] = (),
 ) -> BrokerProcess:
     """An --insecure-dev broker with metrics, at the bench's durability, its quotas and
-    stream gate out of the way (the bench measures speed, not policy)."""
+    stream gate out of the way (the bench measures speed, not policy); `extra`: more
+    serve flags (e.g. TLS)."""
     return BrokerProcess(
         workdir / name,
         args.out / f"broker-{name}.log",
-        args=["--durability", args.durability, "--metrics", f"{LOOPBACK}:0"],
+        args=["--durability", args.durability, "--metrics", f"{LOOPBACK}:0", *extra],
         env=env,
     )
 
@@ -337,14 +381,17 @@ async def ingest(
     target: str,
     server_pid: int | None,
     taken_in: Callable[[], Awaitable[dict[str, float]]],
+    client_args: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Telemetry frames as fast as flow control allows; what the server took in, per core."""
+    """Telemetry frames as fast as flow control allows; what the server took in, per core.
+    `client_args`: more flags of the stream clients (e.g. TLS)."""
     shares = split(args.telemetry_streams, args.client_procs)
     argvs = [
         [
             *("--prefix", "tele-", "--vehicles", str(args.telemetry_streams)),
             *("--shard", str(i), "--shards", str(len(shares))),
             *("--warmup", str(args.warmup), "--duration", str(args.duration)),
+            *client_args,
         ]
         for i in range(len(shares))
     ]
@@ -378,27 +425,37 @@ async def ingest(
     }
 
 
+def bare_taken_in(bare: CeilingServer) -> Callable[[], Awaitable[dict[str, float]]]:
+    """The frames the bare server has read."""
+
+    async def taken_in() -> dict[str, float]:
+        return {"taken_in": (await bare.stats())["frames"]}
+
+    return taken_in
+
+
+def broker_taken_in(broker: BrokerProcess) -> Callable[[], Awaitable[dict[str, float]]]:
+    """What the broker's telemetry guard has taken in (admitted + coalesced), by outcome."""
+
+    async def taken_in() -> dict[str, float]:
+        metrics = await broker.ametrics()
+        guard = {
+            o: metrics.get(f"broker_telemetry_msgs_total{{outcome={o}}}", 0.0)
+            for o in GUARD_OUTCOMES
+        }
+        return {"taken_in": guard["admitted"] + guard["coalesced"], **guard}
+
+    return taken_in
+
+
 async def run_telemetry_rows(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> None:
     """Row 2: the bare server, then a broker with its telemetry budgets opened wide."""
     row = out["telemetry"] = {}
     async with CeilingServer(args.out / "ceiling-telemetry.log") as bare:
-
-        async def bare_taken_in() -> dict[str, float]:
-            return {"taken_in": (await bare.stats())["frames"]}
-
-        row["ceiling"] = await ingest(args, bare.target, bare.pid, bare_taken_in)
+        row["ceiling"] = await ingest(args, bare.target, bare.pid, bare_taken_in(bare))
     broker = bench_broker(args, "telemetry", workdir, WIDE_OPEN)
     async with broker:
-
-        async def broker_taken_in() -> dict[str, float]:
-            metrics = await broker.ametrics()
-            guard = {
-                o: metrics.get(f"broker_telemetry_msgs_total{{outcome={o}}}", 0.0)
-                for o in GUARD_OUTCOMES
-            }
-            return {"taken_in": guard["admitted"] + guard["coalesced"], **guard}
-
-        row["ours"] = await ingest(args, broker.target, broker.pid, broker_taken_in)
+        row["ours"] = await ingest(args, broker.target, broker.pid, broker_taken_in(broker))
     _note_processes(out, broker)
 
 
@@ -414,8 +471,10 @@ async def unary_point(
     prefix: str,
     vehicles: int,
     concurrency: int,
+    client_args: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """`concurrency` unlocks in flight, split over the client processes, for one window."""
+    """`concurrency` unlocks in flight, split over the client processes, for one window;
+    `client_args`: more flags of the unary clients (e.g. TLS)."""
     shares = split(concurrency, args.client_procs)
     argvs = [
         [
@@ -424,6 +483,7 @@ async def unary_point(
             *("--concurrency", str(share), "--wait", wait, "--ttl", str(args.ttl)),
             *("--wait-timeout", str(args.wait_timeout)),
             *("--warmup", str(args.warmup), "--duration", str(args.duration)),
+            *client_args,
         ]
         for i, share in enumerate(shares)
     ]
@@ -489,6 +549,108 @@ async def run_unary_rows(args: argparse.Namespace, workdir: Path, out: dict[str,
         await broker.astop()
     out["unary"]["cars_summary"] = cars.summary
     _note_processes(out, broker, cars)
+
+
+# -- 7, 8, 9: the cost of TLS ----------------------------------------------------------------
+
+
+async def bench_certs(workdir: Path) -> BenchCerts:
+    """The run's dev CA and server certificate (made by the first TLS row that runs)."""
+    return await asyncio.to_thread(BenchCerts.at, workdir / "certs")
+
+
+async def run_tls_unary_rows(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> None:
+    """Row 7: SendCommand wait=none to offline cars at the highest level, plaintext and
+    over TLS, bare and broker; all four servers up together, one point each in turn."""
+    certs = await bench_certs(workdir)
+    level = args.concurrency_levels[-1]
+    row: dict[str, Any] = {"concurrency": level, "client_procs": args.client_procs}
+    out["tls-unary"] = row
+    plain = bench_broker(args, "tls-unary-plaintext", workdir)
+    secure = bench_broker(args, "tls-unary-tls", workdir, extra=certs.server_args())
+    async with contextlib.AsyncExitStack() as stack:
+        bare_plain = await stack.enter_async_context(
+            CeilingServer(args.out / "ceiling-tls-unary-plaintext.log")
+        )
+        bare_tls = await stack.enter_async_context(
+            CeilingServer(args.out / "ceiling-tls-unary-tls.log", certs.server_args())
+        )
+        await stack.enter_async_context(plain)
+        await stack.enter_async_context(secure)
+        # (transport, side): (target, server pid, client flags)
+        series: dict[tuple[str, str], tuple[str, int | None, list[str]]] = {
+            ("plaintext", "ceiling"): (bare_plain.target, bare_plain.pid, []),
+            ("tls", "ceiling"): (bare_tls.target, bare_tls.pid, certs.client_args()),
+            ("plaintext", "ours"): (plain.target, plain.pid, []),
+            ("tls", "ours"): (secure.target, secure.pid, certs.client_args()),
+        }
+        for (transport, side), (target, pid, client_args) in series.items():
+            row.setdefault(transport, {})[side] = await unary_point(
+                args,
+                target,
+                {"server": pid},
+                wait="none",
+                prefix="parked-",
+                vehicles=args.parked_cars,
+                concurrency=level,
+                client_args=client_args,
+            )
+        await plain.astop()
+        await secure.astop()
+    _note_processes(out, plain)
+    _note_processes(out, secure)
+
+
+async def run_tls_telemetry_rows(
+    args: argparse.Namespace, workdir: Path, out: dict[str, Any]
+) -> None:
+    """Row 8: row 2 in plaintext, then over TLS: per transport the bare server, then a
+    broker with its telemetry budgets opened wide, each fresh."""
+    certs = await bench_certs(workdir)
+    row: dict[str, Any] = {"streams": args.telemetry_streams}
+    out["tls-telemetry"] = row
+    transports = {"plaintext": ([], []), "tls": (certs.server_args(), certs.client_args())}
+    for transport, (server_args, client_args) in transports.items():
+        side = row[transport] = {}
+        log = args.out / f"ceiling-tls-telemetry-{transport}.log"
+        async with CeilingServer(log, server_args) as bare:
+            side["ceiling"] = await ingest(
+                args, bare.target, bare.pid, bare_taken_in(bare), client_args
+            )
+        name = f"tls-telemetry-{transport}"
+        broker = bench_broker(args, name, workdir, WIDE_OPEN, server_args)
+        async with broker:
+            side["ours"] = await ingest(
+                args, broker.target, broker.pid, broker_taken_in(broker), client_args
+            )
+        _note_processes(out, broker)
+
+
+async def run_handshake_rows(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> None:
+    """Row 9: new mTLS car streams (own connection, own certificate, Hello -> Welcome) on
+    the bare mTLS server, then on a broker serving mTLS; the same certificates for both."""
+    certs = await bench_certs(workdir)
+    row: dict[str, Any] = {"cars": args.handshake_cars}
+    out["mtls-handshake"] = row
+    options: dict[str, Any] = {
+        "cars": args.handshake_cars,
+        "client_procs": args.client_procs,
+        "concurrency": args.handshake_concurrency,
+        "warm_cars": min(50, max(2, args.handshake_cars // 20)),
+        "log_dir": args.out,
+        "timeout_s": handshake_timeout_s(args),
+    }
+    mtls = certs.server_args(mtls=True)
+    async with CeilingServer(args.out / "ceiling-mtls-handshake.log", mtls) as bare:
+        row["ceiling"] = await measure_handshakes(
+            bare.target, bare.pid, certs, prefix="hs-", **options
+        )
+    broker = bench_broker(args, "mtls-handshake", workdir, extra=mtls)
+    async with broker:
+        row["ours"] = await measure_handshakes(
+            broker.target, broker.pid, certs, prefix="hs-", **options
+        )
+    _note_processes(out, broker)
 
 
 # -- 4: SendCommands batches to offline cars, beside raw py-lmdb --------------------------------
@@ -773,6 +935,9 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Path, dict[str, Any]], Awaitabl
     "streams": run_streams_rows,
     "telemetry": run_telemetry_rows,
     "unary": run_unary_rows,
+    "tls-unary": run_tls_unary_rows,
+    "tls-telemetry": run_tls_telemetry_rows,
+    "mtls-handshake": run_handshake_rows,
     "batch": run_batch_rows,
     "storm": run_storm_rows,
     "drain": run_drain_rows,

@@ -4,9 +4,10 @@
 
 holds `--cars` `VehicleAgent`s (ids PREFIX0, PREFIX1, ...; each executes `unlock` and
 `lock` at once and succeeds), `--cars-per-channel` multiplexed on one HTTP/2 connection,
-opened at `--ramp` new streams/s (0: all at once). Its token is signed from
-$BROKER_AUTH_SECRET when that is set (never argv). What differs between the tools is a
-flag: `--channel-options` (gRPC channel args, default the SDK's car channel),
+opened at `--ramp` new streams/s (0: all at once). Each car's token is minted with the
+vehicle signing key file named by $BROKER_VEHICLE_KEY when that is set (never argv). What
+differs between the tools is a flag: `--channel-options` (gRPC channel args, default the
+SDK's car channel),
 `--agent` (VehicleAgent keyword arguments: firmware, backoff, ...), `--rate` (telemetry
 batches/min per car), `--report-s` (a progress line this often), `--events` (a line per
 car connected, lost, command executed).
@@ -43,7 +44,8 @@ import grpc
 
 from broker.core.clock import now_ms
 from broker.sdk.vehicle import VehicleAgent, car_channel_options, signals, succeed
-from broker.security.auth import issue_token
+from broker.security.keys import load_private_key
+from broker.security.tokens import issue_token
 from broker.server.broker import install_event_loop_policy
 from broker.testing import LOOPBACK, clean_env, status_kb
 from loadtests._util import (
@@ -83,8 +85,9 @@ class CarsProcess:
     `connect_timeout_s`); `start()` only until they begin to connect. Every line it prints
     is kept in `events`, with `seen_at` (this process's monotonic time); `stop()` closes
     its stdin (the cars hang up and print `end`, its `summary`), SIGTERM/SIGKILL if they
-    linger. The other arguments are the child's flags (see the module docstring); `secret`
-    goes to it as $BROKER_AUTH_SECRET, `run_in` prefixes its command (`Hosts.run_in`).
+    linger. The other arguments are the child's flags (see the module docstring);
+    `vehicle_key` (a signing key file) goes to it as $BROKER_VEHICLE_KEY, `run_in`
+    prefixes its command (`Hosts.run_in`).
     """
 
     def __init__(
@@ -103,7 +106,7 @@ class CarsProcess:
         report_s: float = 0.0,
         seed: int = 0,
         events: bool = False,
-        secret: str | None = None,
+        vehicle_key: Path | None = None,
         run_in: Sequence[str] = (),
     ) -> None:
         self.count = count
@@ -124,7 +127,7 @@ class CarsProcess:
             argv,
             log_path,
             prefix=run_in,
-            env=clean_env({"BROKER_AUTH_SECRET": secret} if secret else {}),
+            env=clean_env({"BROKER_VEHICLE_KEY": str(vehicle_key)} if vehicle_key else {}),
             on_line=self._on_line,
         )
 
@@ -234,7 +237,8 @@ class Cars:
         self.rate = args.rate
         self.telemetry = dict.fromkeys(TELEMETRY_COUNTS, 0)
         options = [tuple(option) for option in args.channel_options or SDK_CHANNEL_OPTIONS]
-        secret = os.environ.get("BROKER_AUTH_SECRET")
+        key_file = os.environ.get("BROKER_VEHICLE_KEY")
+        key = load_private_key(Path(key_file)) if key_file else None
         rss_before = status_kb()
         per_channel = args.cars_per_channel
         self.channels = [
@@ -248,7 +252,7 @@ class Cars:
                 VehicleAgent(
                     args.target,
                     vehicle_id,
-                    token=issue_token(secret, vehicle=vehicle_id) if secret else None,
+                    token=issue_token(key, vehicle=vehicle_id) if key else None,
                     channel=self.channels[index // per_channel],
                     handlers={"unlock": succeed, "lock": succeed},
                     **args.agent,

@@ -3,6 +3,8 @@
     python -m loadtests.ceilings server                       # the bare server
     python -m loadtests.ceilings unary-client  --target 127.0.0.1:PORT --vehicles N [...]
     python -m loadtests.ceilings stream-client --target 127.0.0.1:PORT --vehicles N [...]
+    python -m loadtests.ceilings handshake-client --target 127.0.0.1:PORT --vehicles N \
+        --tls-ca CA --car-certs DIR [...]
 
 The bench starts these as child processes (loopback only; `CeilingServer`,
 `drive_clients`) and talks to them by lines; each ends when its stdin closes.
@@ -18,7 +20,9 @@ method names and does none of the broker's work:
   stream as it holds one to the broker, so the same simulated cars measure both.
 
 It prints `ceiling ready on HOST:PORT`; a `stats` line on stdin answers a JSON line: unary
-calls answered, frames read after the first ones, streams open.
+calls answered, frames read after the first ones, streams open. With `--tls-cert` and
+`--tls-key` it serves TLS (`grpc.ssl_server_credentials`, static: the bare way), with
+`--tls-client-ca` too mTLS (client certificates required and verified).
 
 The clients are the same for the broker and the ceiling (only `--target` differs), so a
 row compares servers, not client code. Each prints `ready`, waits for `go` on stdin, runs
@@ -35,6 +39,20 @@ measured window and its own CPU use over it, in % of one core:
   `go` each writes one prebuilt 3-signal telemetry frame after another, as fast as HTTP/2
   flow control lets its writes complete, and drains whatever the server sends. Reports the
   frames written; what the server took in is counted on the server side.
+- `handshake-client` (mTLS): one Connect stream per vehicle id of its share, each on its
+  own channel (so its own connection: `grpc.use_local_subchannel_pool`) with its own
+  client certificate (`--car-certs` DIR/ID.pem and DIR/ID.key, read before `go`; the
+  certificate names the car, no metadata does). Before `ready` it opens its share of
+  `--warm-cars` (ids PREFIXw0, ...) the same way, unmeasured. On `go`, `--concurrency`
+  at a time: a new channel, Connect, Hello, wait for the Welcome; the stream then stays
+  open. Once
+  all are done it prints its report (streams welcomed, errors by kind, the time from
+  `go` to the last Welcome, each car's connect-to-Welcome latency in microseconds, its
+  CPU seconds), then holds the streams until its stdin closes, so closing them is not
+  measured.
+
+`unary-client` and `stream-client` speak TLS with `--tls-ca` (the CA of the server's
+certificate), mTLS with `--tls-cert` and `--tls-key` too.
 """
 
 from __future__ import annotations
@@ -107,7 +125,32 @@ def canned_welcome() -> bytes:
     return bytes(link.BrokerFrame(welcome=welcome).SerializeToString())
 
 
-async def serve(port: int) -> None:
+def server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    """grpc's static TLS credentials from --tls-cert/--tls-key (mTLS with --tls-client-ca),
+    or None (plaintext)."""
+    if not args.tls_cert:
+        return None
+    pair = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
+    roots = Path(args.tls_client_ca).read_bytes() if args.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=roots, require_client_auth=roots is not None
+    )
+
+
+def client_channel(
+    args: argparse.Namespace, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """A channel to --target: TLS with --tls-ca (mTLS with --tls-cert/--tls-key too)."""
+    if not args.tls_ca:
+        return grpc.aio.insecure_channel(args.target, options=options)
+    pem = Path(args.tls_ca).read_bytes()
+    key = Path(args.tls_key).read_bytes() if args.tls_key else None
+    cert = Path(args.tls_cert).read_bytes() if args.tls_cert else None
+    credentials = grpc.ssl_channel_credentials(pem, key, cert)
+    return grpc.aio.secure_channel(args.target, credentials, options=options)
+
+
+async def serve(args: argparse.Namespace) -> None:
     reply, welcome = canned_reply(), canned_welcome()
     counts = {"calls": 0, "frames": 0, "streams": 0}
 
@@ -139,7 +182,12 @@ async def serve(port: int) -> None:
             ),
         ]
     )
-    bound = server.add_insecure_port(f"{LOOPBACK}:{port}")
+    address = f"{LOOPBACK}:{args.port}"
+    credentials = server_credentials(args)
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     await server.start()
     print(f"{SERVER_READY} {LOOPBACK}:{bound}", flush=True)
     commands = await stdin_reader()
@@ -178,7 +226,7 @@ async def unary_client(args: argparse.Namespace) -> dict[str, Any]:
     latencies_us: list[int] = []
     errors: Counter[str] = Counter()
     completed = 0
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    async with client_channel(args) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
         call: Any = channel.unary_unary(
             SEND_COMMAND, response_deserializer=svc.SendCommandResponse.FromString
@@ -238,8 +286,7 @@ async def stream_client(args: argparse.Namespace) -> dict[str, Any]:
     ids = _vehicle_ids(args)
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [
-        grpc.aio.insecure_channel(args.target, options=options)
-        for _ in range(math.ceil(len(ids) / CARS_PER_CHANNEL))
+        client_channel(args, options) for _ in range(math.ceil(len(ids) / CARS_PER_CHANNEL))
     ]
     calls: list[Any] = []
     drains: list[asyncio.Task[None]] = []
@@ -286,14 +333,103 @@ async def stream_client(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def car_credentials(
+    args: argparse.Namespace,
+) -> tuple[list[grpc.ChannelCredentials], list[grpc.ChannelCredentials]]:
+    """Each car's own mTLS credentials: this client's share of the measured cars, then of
+    the warm-up cars."""
+    ca = Path(args.tls_ca).read_bytes()
+    certs = Path(args.car_certs)
+
+    def credential(vehicle: str) -> grpc.ChannelCredentials:
+        key, cert = (certs / f"{vehicle}.key").read_bytes(), (certs / f"{vehicle}.pem").read_bytes()
+        return grpc.ssl_channel_credentials(ca, key, cert)
+
+    warm = [f"{args.prefix}w{i}" for i in range(args.shard, args.warm_cars, args.shards)]
+    return [credential(vehicle) for vehicle in _vehicle_ids(args)], [
+        credential(vehicle) for vehicle in warm
+    ]
+
+
+async def handshake_client(
+    args: argparse.Namespace,
+    credentials: list[grpc.ChannelCredentials],
+    warm: list[grpc.ChannelCredentials],
+) -> None:
+    """New mTLS car streams, each on its own connection with its own certificate."""
+    commands = await stdin_reader()
+    hello = link.VehicleFrame(hello=link.Hello(firmware="bench")).SerializeToString()
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels: list[grpc.aio.Channel] = []
+    calls: list[Any] = []
+    latencies_us: list[int] = []
+    errors: Counter[str] = Counter()
+    gate = asyncio.Semaphore(args.concurrency)
+
+    async def open_stream(credential: grpc.ChannelCredentials) -> None:
+        async with gate:
+            started = time.perf_counter()
+            channel = grpc.aio.secure_channel(args.target, credential, options=options)
+            channels.append(channel)
+            connect: Any = channel.stream_stream(
+                CONNECT, response_deserializer=link.BrokerFrame.FromString
+            )
+            call = connect()
+            calls.append(call)
+            try:
+                await call.write(hello)
+                frame = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] += 1
+                return
+            if frame is grpc.aio.EOF or not frame.HasField("welcome"):
+                errors["no welcome"] += 1
+                return
+            latencies_us.append(round((time.perf_counter() - started) * 1e6))
+
+    try:
+        # the warm-up cars (unmeasured, held too): first connections, first imports
+        await asyncio.wait_for(
+            asyncio.gather(*(open_stream(credential) for credential in warm)), args.timeout
+        )
+        warm_errors = dict(+errors)
+        errors.clear()
+        latencies_us.clear()
+        await _go(commands)
+        cpu_before, started = time.process_time(), time.perf_counter()
+        await asyncio.wait_for(
+            asyncio.gather(*(open_stream(credential) for credential in credentials)),
+            args.timeout,
+        )
+        elapsed = time.perf_counter() - started
+        report = {
+            "streams": len(credentials),
+            "welcomed": len(latencies_us),
+            "errors": dict(+errors),
+            "elapsed_s": round(elapsed, 4),
+            "latencies_us": latencies_us,
+            "cpu_s": round(time.process_time() - cpu_before, 3),
+            "warm_cars": len(warm),
+            "warm_errors": warm_errors,
+        }
+        print(json.dumps(report), flush=True)
+        while await commands.readline():  # hold the streams until stdin closes
+            pass
+    finally:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*(channel.close() for channel in channels), return_exceptions=True)
+
+
 # -- the parent's side ---------------------------------------------------------------------------
 
 
 class CeilingServer:
     """`python -m loadtests.ceilings server` as a child process (`async with`)."""
 
-    def __init__(self, log_path: Path) -> None:
-        self._child = ChildProcess(["loadtests.ceilings", "server"], log_path)
+    def __init__(self, log_path: Path, args: Sequence[str] = ()) -> None:
+        """`args`: the server's flags (e.g. --tls-cert/--tls-key for TLS)."""
+        self._child = ChildProcess(["loadtests.ceilings", "server", *args], log_path)
         self.target = ""
 
     @property
@@ -353,7 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="role", required=True)
     server = sub.add_parser("server", help="the bare grpc.aio server")
     server.add_argument("--port", type=int, default=0)
-    for name in ("unary-client", "stream-client"):
+    server.add_argument("--tls-cert", help="certificate chain (PEM): serve TLS")
+    server.add_argument("--tls-key", help="its private key (PEM)")
+    server.add_argument("--tls-client-ca", help="require client certificates of this CA")
+    for name in ("unary-client", "stream-client", "handshake-client"):
         client = sub.add_parser(name)
         client.add_argument("--target", required=True)
         client.add_argument("--prefix", default="car-", help="vehicle ids: PREFIX0, PREFIX1...")
@@ -364,6 +503,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         client.add_argument("--shards", type=int, default=1, help="clients sharing the ids")
         client.add_argument("--warmup", type=float, default=1.0)
         client.add_argument("--duration", type=float, default=5.0)
+        client.add_argument("--tls-ca", help="CA of the server's certificate: speak TLS")
+        if name == "handshake-client":
+            client.add_argument("--car-certs", required=True, help="folder of ID.pem, ID.key")
+            client.add_argument("--concurrency", type=int, default=32, help="opening at once")
+            client.add_argument(
+                "--warm-cars",
+                type=int,
+                default=0,
+                help="cars PREFIXw0, PREFIXw1, ... (shared by shard) opened before ready",
+            )
+            client.add_argument("--timeout", type=float, default=60.0, help="for all to open")
+        else:
+            client.add_argument("--tls-cert", help="client certificate chain (PEM): mTLS")
+            client.add_argument("--tls-key", help="its private key (PEM)")
         if name == "unary-client":
             client.add_argument("--concurrency", type=int, default=16)
             client.add_argument("--wait", choices=sorted(OK_STATUSES), default="none")
@@ -372,10 +525,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     install_event_loop_policy()
     if args.role == "server":
-        asyncio.run(serve(args.port))
+        if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+            parser.error("--tls-cert and --tls-key together; --tls-client-ca needs both")
+        asyncio.run(serve(args))
         return 0
     if args.target.rpartition(":")[0] != LOOPBACK:
         parser.error(f"the bench only talks to {LOOPBACK}")
+    if args.role == "handshake-client":
+        if not args.tls_ca:
+            parser.error("handshake-client: --tls-ca is required (it speaks mTLS)")
+        asyncio.run(handshake_client(args, *car_credentials(args)))  # prints its own report
+        return 0
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_cert and not args.tls_ca):
+        parser.error("--tls-cert and --tls-key together, and with --tls-ca")
     run = unary_client if args.role == "unary-client" else stream_client
     print(json.dumps(asyncio.run(run(args))), flush=True)
     return 0

@@ -39,7 +39,8 @@ from broker.core.lifecycle import TERMINAL
 from broker.sdk.client import BrokerClient, BrokerRpcError
 from broker.sdk.simulator import SimulatedFleet
 from broker.sdk.vehicle import car_channel_options
-from broker.testing import LOOPBACK, BrokerProcess
+from broker.security.tokens import TokenMinter
+from broker.testing import LOOPBACK, AuthKeys, BrokerProcess
 from broker.v1 import types_pb2 as t
 from loadtests import netns
 from loadtests._util import ChildProcess, latency_ms
@@ -535,24 +536,24 @@ async def link_loss(
     if reason is not None:
         verdict.check("network namespaces available", False, reason)
         return verdict
-    secret = "drill-secret-" + "0" * 16
+    keys = AuthKeys.create(workdir / "keys")
     with netns.Hosts() as hosts:
         broker = BrokerProcess(
             workdir / "data",
             workdir / "broker.log",
-            secret=secret,
+            keys=keys,
             host="0.0.0.0",  # inside its own namespace: the car's link and ours
             prefix=hosts.run_in("broker"),
             env={
                 "BROKER_HEARTBEAT_INTERVAL_S": str(heartbeat_interval_s),
                 "BROKER_LIVENESS_TIMEOUT_S": str(liveness_timeout_s),
+                # a private veth link this drill made, between namespaces of this machine
+                "BROKER_PLAINTEXT_ON_PRIVATE_NETWORK": "1",
             },
         )
         await broker.astart()
-        from broker.security.auth import issue_token
-
-        token = issue_token(secret, service="drill", scopes=("send", "read"))
-        client = BrokerClient(f"{netns.BROKER_FROM_ROOT}:{broker.port}", token=token)
+        minter = TokenMinter(keys.service_key, service="drill", scopes=("send", "read"))
+        client = BrokerClient(f"{netns.BROKER_FROM_ROOT}:{broker.port}", token=minter)
         car = CarsProcess(
             f"{netns.BROKER_ADDRESS}:{broker.port}",
             1,
@@ -560,7 +561,7 @@ async def link_loss(
             workdir / "car.log",
             channel_options=car_channel_options(keepalive_s),
             events=True,
-            secret=secret,
+            vehicle_key=keys.vehicle_key,
             run_in=hosts.run_in("car"),
         )
         try:

@@ -31,9 +31,10 @@ A gRPC error is a failure whose message starts with the status name (e.g.
 `RESOURCE_EXHAUSTED: ...`, the per-car critical quota); a wrong answer is a failure that
 says what came back. Load tests here target loopback only: any other `--host` is refused.
 
-Against a broker started with auth (not `--insecure-dev`): set `BROKER_AUTH_SECRET` (cars
-and services sign their own tokens) or `BROKER_TOKEN` (a service token with send,read;
-cars then still need the secret).
+Against a broker started with auth (not `--insecure-dev`): set `BROKER_VEHICLE_KEY` and
+`BROKER_SERVICE_KEY` to signing key files (`broker token keygen`; cars and services mint
+their own tokens), or `BROKER_TOKEN` (a service token with send,read; cars then still
+need the vehicle key). Paths and tokens go in the environment, never in argv.
 
 gRPC runs on its synchronous API with `grpc.experimental.gevent.init_gevent()`, the pattern
 Locust documents for gRPC: Locust has monkey-patched the standard library before it imports
@@ -53,6 +54,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -67,7 +69,8 @@ from locust.runners import WorkerRunner
 
 from broker.core.clock import now_ms
 from broker.sdk.client import build_request
-from broker.security.auth import issue_token
+from broker.security.keys import load_private_key
+from broker.security.tokens import issue_token
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
@@ -222,10 +225,14 @@ def pushback_s(error: grpc.RpcError) -> float:
 
 
 def auth_metadata(**claims: Any) -> list[tuple[str, str]]:
-    """`authorization` metadata signed from BROKER_AUTH_SECRET (or BROKER_TOKEN for services)."""
-    secret = os.environ.get("BROKER_AUTH_SECRET")
-    if secret:
-        return [("authorization", f"Bearer {issue_token(secret, **claims)}")]
+    """`authorization` metadata minted with the key file in $BROKER_VEHICLE_KEY or
+    $BROKER_SERVICE_KEY (or $BROKER_TOKEN for services), valid for the default lifetime
+    (24 h for a car, 1 h for a service: longer runs need `--ttl`-like care)."""
+    role = "BROKER_SERVICE_KEY" if "service" in claims else "BROKER_VEHICLE_KEY"
+    key_file = os.environ.get(role)
+    if key_file:
+        token = issue_token(load_private_key(Path(key_file)), **claims)
+        return [("authorization", f"Bearer {token}")]
     token = os.environ.get("BROKER_TOKEN")
     if token and "service" in claims:
         return [("authorization", f"Bearer {token}")]

@@ -5,6 +5,10 @@ report can be redrawn from a saved bench.json:
 
     python -m loadtests.report bench-out/bench.json    # rewrites report.md and the plots
 
+The TLS rows (`tls-unary`, `tls-telemetry`, `mtls-handshake`) have one line over TLS
+beside bare grpc.aio over TLS, and one of the TLS / plaintext ratio, ours beside bare's
+(no target: what TLS costs); the handshake row has cars/s per server core.
+
 The table has one line per figure: ours, the ceiling measured in the same run, ours /
 ceiling, the target and whether it is met ("n/a" where this run cannot judge it, "error"
 or "skipped" with the reason). For times (drain, latency) lower is better, so the target
@@ -142,6 +146,94 @@ def _unary_lines(data: dict[str, Any]) -> list[dict[str, Any]]:
     return lines
 
 
+def _tls_cost_line(
+    row: str, data: dict[str, Any], figure: Callable[[dict[str, Any]], float | None], unit: str
+) -> dict[str, Any]:
+    """TLS / plaintext of `figure`, ours beside the bare server's."""
+
+    def cost(side: str) -> tuple[str, float | None]:
+        tls, plain = (data.get(t, {}).get(side) for t in ("tls", "plaintext"))
+        ratio = _ratio(tls and figure(tls), plain and figure(plain))
+        if ratio is None or tls is None or plain is None:
+            return "-", None
+        return f"{ratio:.2f}x ({figure(tls):,.0f} vs {figure(plain):,.0f} {unit})", ratio
+
+    (ours, ours_ratio), (bare, bare_ratio) = cost("ours"), cost("ceiling")
+    return _line(
+        row,
+        ours,
+        bare,
+        _ratio(ours_ratio, bare_ratio),
+        "no target: what TLS costs, beside what it costs bare grpc.aio",
+        None,
+    )
+
+
+def _tls_unary_lines(data: dict[str, Any]) -> list[dict[str, Any]]:
+    level = data["concurrency"]
+    tls = data.get("tls", {})
+    ours, bare = tls.get("ours"), tls.get("ceiling")
+    ratio = _ratio(ours and ours["qps"], bare and bare["qps"])
+    return [
+        _line(
+            f"SendCommand wait=none over TLS, offline cars, {level} in flight",
+            _calls(ours),
+            _calls(bare),
+            ratio,
+            ">= 0.8x bare grpc.aio unary over TLS",
+            None if ratio is None else ratio >= 0.8,
+        ),
+        _tls_cost_line(
+            f"SendCommand wait=none, TLS / plaintext calls/s, {level} in flight",
+            data,
+            lambda point: point["qps"],
+            "calls/s",
+        ),
+    ]
+
+
+def _tls_telemetry_lines(data: dict[str, Any]) -> list[dict[str, Any]]:
+    tls = data.get("tls", {})
+    lines = _telemetry_lines(tls)
+    for line in lines:
+        line["row"] = line["row"].replace("Telemetry ingest", "Telemetry ingest over TLS")
+        line["target"] = ">= 0.7x bare grpc.aio streaming over TLS"
+    lines.append(
+        _tls_cost_line(
+            f"Telemetry ingest, TLS / plaintext per core, {data['streams']} streams",
+            data,
+            lambda side: side["msgs_per_s_per_core"],
+            "msgs/s/core",
+        )
+    )
+    return lines
+
+
+def _handshake_lines(data: dict[str, Any]) -> list[dict[str, Any]]:
+    def text(side: dict[str, Any] | None) -> str:
+        if not side or side["cars_per_s_per_core"] is None:
+            return "-"
+        welcomed = "" if side["welcomed"] == side["cars"] else f", {side['welcomed']} welcomed"
+        return (
+            f"{side['cars_per_s_per_core']:,.0f} cars/s/core ({side['cars_per_s']:,.0f} cars/s "
+            f"at {side['server_cpu_pct']:.0f} % CPU{welcomed})"
+        )
+
+    ours, bare = data.get("ours"), data.get("ceiling")
+    ratio = _ratio(ours and ours["cars_per_s_per_core"], bare and bare["cars_per_s_per_core"])
+    return [
+        _line(
+            f"New mTLS car streams per core, {data['cars']:,} cars (own connection and "
+            "certificate, Hello → Welcome)",
+            text(ours),
+            text(bare),
+            ratio,
+            "no target set: bare grpc.aio's mTLS handshake + one bidi message beside",
+            None,
+        )
+    ]
+
+
 def _batch_lines(data: list[dict[str, Any]]) -> list[dict[str, Any]]:
     lines = []
     for entry in data:
@@ -228,6 +320,9 @@ LINES: dict[str, tuple[Callable[[Any], list[dict[str, Any]]], str]] = {
     "streams": (_streams_lines, "Vehicle streams held; KB per connected car"),
     "telemetry": (_telemetry_lines, "Telemetry ingest per core"),
     "unary": (_unary_lines, "SendCommand vs bare unary"),
+    "tls-unary": (_tls_unary_lines, "SendCommand over TLS vs bare unary over TLS"),
+    "tls-telemetry": (_tls_telemetry_lines, "Telemetry ingest over TLS"),
+    "mtls-handshake": (_handshake_lines, "New mTLS car streams per core"),
     "batch": (_batch_lines, "Batch durable enqueue vs raw LMDB"),
     "drain": (_drain_lines, "Offline drain and kill -9 loss vs Mosquitto"),
     "storm": (_storm_lines, "Unlock p99 during a 10x telemetry storm"),
@@ -275,7 +370,36 @@ def saturation_notes(results: dict[str, Any], busy_pct: float = 90.0) -> list[st
                 f"telemetry ({'bare grpc.aio' if side == 'ceiling' else 'broker'}): a load "
                 f"client used {busiest:.0f} % of a core, so it may have bounded that figure"
             )
+    servers = {"ceiling": "bare grpc.aio", "ours": "broker"}
+    for row, what in (("tls-unary", "SendCommand"), ("tls-telemetry", "telemetry")):
+        for transport, sides in _transports(results.get(row)):
+            for side, data in sides.items():
+                busiest = max((c for c in data["client_cpu_pct"] if c is not None), default=0.0)
+                if busiest >= busy_pct:
+                    notes.append(
+                        f"{what} ({servers[side]}, {transport}): a load client used "
+                        f"{busiest:.0f} % of a core, so it may have bounded that figure"
+                    )
+    for side, data in _sides(results.get("mtls-handshake")):
+        busiest = max((c for c in data["client_cpu_pct"] if c is not None), default=0.0)
+        if busiest >= busy_pct:
+            notes.append(
+                f"mTLS handshakes ({servers[side]}): a handshake client used {busiest:.0f} % "
+                "of a core, so it may have bounded cars/s (not cars/s per server core)"
+            )
     return notes
+
+
+def _transports(data: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(transport, {side: figures}) of a TLS row, plaintext first."""
+    data = data or {}
+    return [(t, data[t]) for t in ("plaintext", "tls") if isinstance(data.get(t), dict)]
+
+
+def _sides(data: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(side, figures) of a row with a bare and a broker side, bare first."""
+    data = data or {}
+    return [(s, data[s]) for s in ("ceiling", "ours") if isinstance(data.get(s), dict)]
 
 
 # -- the markdown -----------------------------------------------------------------------------
@@ -357,6 +481,7 @@ def _detail(results: dict[str, Any]) -> list[str]:
                     f"{_clients(p['client_cpu_pct'])} |"
                 )
         out.append("")
+    out += _tls_detail(results)
     batch = results.get("batch") or []
     if batch:
         out += [
@@ -409,6 +534,71 @@ def _detail(results: dict[str, Any]) -> list[str]:
             )
         passed = sum(c["passed"] for c in storm["checks"])
         out += ["", f"storm drill checks passed: {passed}/{len(storm['checks'])}", ""]
+    return out
+
+
+def _tls_detail(results: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    labels = {"ceiling": "bare grpc.aio", "ours": "broker"}
+    unary = results.get("tls-unary") or {}
+    if _transports(unary):
+        out += [
+            f"### SendCommand wait=none over TLS (row 7; offline cars, "
+            f"{unary['concurrency']} in flight, {unary['client_procs']} client process(es) "
+            "at most)",
+            "",
+            "| server | transport | calls/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | "
+            "CPU % | client CPU % |",
+            "|---|---|--:|--:|--:|--:|--:|---|---|--:|",
+        ]
+        for transport, sides in _transports(unary):
+            for side, p in _sides(sides):
+                lat = p["latency_ms"]
+                out.append(
+                    f"| {labels[side]} | {transport} | {p['qps']:,.0f} | {lat['p50']} | "
+                    f"{lat['p90']} | {lat['p99']} | {lat['p99.9']} | "
+                    f"{_cell(_errors(p['errors']))} | {_cpu(p['cpu_pct'])} | "
+                    f"{_clients(p['client_cpu_pct'])} |"
+                )
+        out.append("")
+    telemetry = results.get("tls-telemetry") or {}
+    if _transports(telemetry):
+        out += [
+            f"### Telemetry ingest over TLS (row 8; {telemetry['streams']} streams)",
+            "",
+            "| server | transport | taken in msgs/s | server CPU % | per core | client CPU % | "
+            "client writes/s | server counts |",
+            "|---|---|--:|--:|--:|--:|--:|---|",
+        ]
+        for transport, sides in _transports(telemetry):
+            for side, d in _sides(sides):
+                out.append(
+                    f"| {labels[side]} | {transport} | {d['msgs_per_s']:,.0f} | "
+                    f"{d['server_cpu_pct']} | {d['msgs_per_s_per_core'] or 0:,.0f} | "
+                    f"{_clients(d['client_cpu_pct'])} | {d['client_written_per_s']:,.0f} | "
+                    f"{_cell(d['counted'])} |"
+                )
+        out.append("")
+    handshakes = results.get("mtls-handshake") or {}
+    if _sides(handshakes):
+        out += [
+            f"### New mTLS car streams (row 9; {handshakes['cars']:,} cars, each its own "
+            "connection and certificate)",
+            "",
+            "| server | welcomed | in flight | s | cars/s | server CPU s (%) | cars/s/core | "
+            "connect → Welcome p50 / p90 / p99 ms | errors | client CPU % |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|---|--:|",
+        ]
+        for side, d in _sides(handshakes):
+            lat = d["latency_ms"]
+            out.append(
+                f"| {labels[side]} | {d['welcomed']:,}/{d['cars']:,} | {d['concurrency']} | "
+                f"{d['elapsed_s']} | {d['cars_per_s'] or 0:,.0f} | {d['server_cpu_s']} "
+                f"({d['server_cpu_pct']}) | {d['cars_per_s_per_core'] or 0:,.0f} | "
+                f"{lat['p50']} / {lat['p90']} / {lat['p99']} | "
+                f"{_cell(_errors(d['errors']))} | {_clients(d['client_cpu_pct'])} |"
+            )
+        out.append("")
     return out
 
 

@@ -1,4 +1,4 @@
-"""What every test may use: the test secret, a valid Config, and `eventually`.
+"""What every test may use: the session's signing keys, a valid Config, and `eventually`.
 
 Fixtures that start a real server live in tests/e2e/ (conftest.py and harness.py).
 """
@@ -12,26 +12,49 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import settings
 
 from broker.config import Config
+from broker.testing import AuthKeys
 
 # A 2-core CI machine running e2e brokers next to property tests: time per example is
 # not what these tests check, so no per-example deadline.
 settings.register_profile("broker", deadline=None)
 settings.load_profile("broker")
 
-SECRET = "test-secret-0123456789abcdef"
 T = TypeVar("T")
+_session_keys: list[AuthKeys] = []
 
 #: how much of the last value an `eventually` failure shows
 _SHOWN_CHARS = 2000
 
 
+@pytest.fixture(scope="session", autouse=True)
+def auth_keys(tmp_path_factory: pytest.TempPathFactory) -> AuthKeys:
+    """The session's vehicle and service signing keys, made in a temp folder; brokers the
+    tests start trust their public halves (`make_config`, `spawn`)."""
+    if not _session_keys:
+        _session_keys.append(AuthKeys.create(tmp_path_factory.mktemp("keys")))
+    return _session_keys[0]
+
+
+def session_keys() -> AuthKeys:
+    """`auth_keys` for code that is not a fixture (helpers, `make_config`)."""
+    assert _session_keys, "the session-scoped auth_keys fixture has not run"
+    return _session_keys[0]
+
+
 def make_config(data_dir: Path, **overrides: Any) -> Config:
-    """A validated Config for a broker on a free loopback port, signing with SECRET."""
+    """A validated Config for a broker on a free loopback port, trusting `session_keys()`."""
+    keys = session_keys()
     base = Config(
-        listen="127.0.0.1:0", data_dir=data_dir, auth_secret=SECRET, grace_s=0.5, drain_delay_s=0
+        listen="127.0.0.1:0",
+        data_dir=data_dir,
+        auth_vehicle_keys=str(keys.vehicle_public),
+        auth_service_keys=str(keys.service_public),
+        grace_s=0.5,
+        drain_delay_s=0,
     )
     config = dataclasses.replace(base, **overrides)
     config.validate()

@@ -10,7 +10,11 @@ from broker.config import FALLBACK_POLICY, load_config
 from broker.core.errors import InvalidArgument
 from broker.v1 import types_pb2 as t
 
-SECRET_ENV = {"BROKER_AUTH_SECRET": "0123456789abcdef0123"}
+#: the auth settings a broker needs unless insecure-dev (the files are read at start only)
+SECRET_ENV = {
+    "BROKER_AUTH_VEHICLE_KEYS": "keys/vehicle.public.pem",
+    "BROKER_AUTH_SERVICE_KEYS": "keys/service.public.pem",
+}
 
 
 def test_precedence(tmp_path: Path) -> None:
@@ -39,7 +43,10 @@ def test_command_table_from_toml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "env", "needle"),
     [
-        ({}, {}, "auth_secret"),
+        ({}, {}, "auth_vehicle_keys"),
+        ({}, {"BROKER_AUTH_VEHICLE_KEYS": "v.public.pem"}, "auth_service_keys"),
+        ({"auth_clock_skew_s": -1}, SECRET_ENV, "auth_clock_skew_s"),
+        ({"auth_service_max_ttl_s": 0}, SECRET_ENV, "auth_service_max_ttl_s"),
         ({"insecure_dev": True, "listen": "0.0.0.0:50051"}, {}, "loopback"),
         ({"listen": "nonsense"}, SECRET_ENV, "HOST:PORT"),
         ({"durability": "maybe"}, SECRET_ENV, "durability"),
@@ -47,6 +54,12 @@ def test_command_table_from_toml(tmp_path: Path) -> None:
         ({"window": "many"}, SECRET_ENV, "window"),
         ({"map_size_mb": 64, "map_size_max_mb": 32}, SECRET_ENV, "map_size_max_mb"),
         ({"nope": 1}, SECRET_ENV, "unknown setting"),
+        ({"listen": "0.0.0.0:50051"}, SECRET_ENV, "refusing to serve plaintext on '0.0.0.0'"),
+        ({"tls_cert_file": "server.pem"}, SECRET_ENV, "give both or neither"),
+        ({"tls_client_ca_file": "ca.pem"}, SECRET_ENV, "mTLS.*needs tls_cert_file"),
+        ({"tls_cert_file": "/no/c.pem", "tls_key_file": "/no/k.pem"}, SECRET_ENV, "no such file"),
+        ({"insecure_dev": True, "metrics_listen": "0.0.0.0:9464"}, {}, "metrics on loopback"),
+        ({"reflection": "maybe"}, SECRET_ENV, "reflection"),
     ],
 )
 def test_bad_values_are_refused_clearly(
@@ -54,6 +67,15 @@ def test_bad_values_are_refused_clearly(
 ) -> None:
     with pytest.raises(InvalidArgument, match=needle):
         load_config(overrides, environ=env)
+
+
+def test_plaintext_off_loopback_only_when_said_loudly() -> None:
+    config = load_config(
+        {"listen": "0.0.0.0:0", "plaintext_on_private_network": True}, environ=SECRET_ENV
+    )
+    assert config.listen == "0.0.0.0:0"
+    assert not config.reflection_on  # production: reflection off unless asked
+    assert load_config({"insecure_dev": True}, environ={}).reflection_on
 
 
 def test_insecure_dev_allows_loopback_only() -> None:
@@ -80,7 +102,7 @@ def test_a_reserve_that_leaves_no_room_for_commands_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="store_reserve_mb"):
         load_config(
             {"map_size_mb": 16, "map_size_max_mb": 100, "store_reserve_mb": 64},
-            environ={"BROKER_AUTH_SECRET": "x" * 16},
+            environ=SECRET_ENV,
         )
 
 
@@ -88,5 +110,5 @@ def test_liveness_must_outlast_the_heartbeat_interval() -> None:
     with pytest.raises(InvalidArgument, match="liveness_timeout_s"):
         load_config(
             {"heartbeat_interval_s": 30, "liveness_timeout_s": 20},
-            environ={"BROKER_AUTH_SECRET": "x" * 16},
+            environ=SECRET_ENV,
         )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from broker.api.handlers import Handlers
 from broker.core.commands import Caller, Commands
-from broker.security.auth import Principal
+from broker.core.errors import BrokerError
+from broker.security.auth import Authenticator, Principal
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 
@@ -23,8 +25,9 @@ def caller(principal: Principal) -> Caller:
 
 
 class CommandService:
-    def __init__(self, commands: Commands) -> None:
+    def __init__(self, commands: Commands, auth: Authenticator) -> None:
         self._commands = commands
+        self._auth = auth
 
     def handler(self, handlers: Handlers) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -75,10 +78,22 @@ class CommandService:
     async def watch_commands(
         self, request: svc.WatchCommandsRequest, principal: Principal
     ) -> AsyncIterator[t.Command]:
-        async for command in self._commands.watch(
-            list(request.vehicle_ids), list(request.command_ids)
-        ):
-            yield command
+        # A watch lasts: it ends (UNAUTHENTICATED) when the caller's token expires or is
+        # revoked, and the caller watches again with a fresh one.
+        ended: asyncio.Future[BrokerError] = asyncio.get_running_loop().create_future()
+
+        def end(error: BrokerError) -> None:
+            if not ended.done():
+                ended.set_result(error)
+
+        hold = self._auth.hold(principal, end)
+        try:
+            async for command in self._commands.watch(
+                list(request.vehicle_ids), list(request.command_ids), ended=ended
+            ):
+                yield command
+        finally:
+            hold.release()
 
     async def get_vehicle_state(
         self, request: svc.GetVehicleStateRequest, principal: Principal, deadline_s: float

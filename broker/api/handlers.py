@@ -3,7 +3,12 @@
 Each servicer method is written as `request, principal -> response`; `unary`,
 `server_stream` and `bidi` turn it into a grpc method handler that
 
-* authenticates the call's metadata (and checks the method's scope),
+* counts the call against its peer address's open calls (`PeerStreams`),
+* authenticates the call's metadata (and checks the method's scope) as soon as its
+  HEADERS arrive, and waits at most `first_message_timeout_s` for the request message
+  (unary methods are served as request-streaming handlers for that: grpc.aio would run a
+  unary handler only once the message arrived, however long that took; see
+  broker/api/limits.py),
 * parses the request bytes itself, so a malformed message is INVALID_ARGUMENT rather
   than grpc's INTERNAL,
 * ends the call with the status a `BrokerError` names, its retry hint as the
@@ -19,7 +24,9 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from broker.core.errors import BrokerError, InvalidArgument
+from broker.api.limits import PeerStreams, first_message
+from broker.core.errors import BrokerError, InvalidArgument, PermissionDenied
+from broker.security import tls
 from broker.security.auth import Authenticator, Principal
 from broker.wire import PUSHBACK_KEY
 
@@ -76,12 +83,38 @@ def deadline_s(context: Context) -> float:
 
 
 class Handlers:
-    """Builds method handlers around one `Authenticator`."""
+    """Builds method handlers around one `Authenticator`.
 
-    def __init__(self, auth: Authenticator) -> None:
+    `peer_certificates`: the port verifies client certificates (mTLS). A car's identity
+    then comes from its certificate (`vehicle_identity`), and a car's certificate cannot
+    call the command service, whatever token it sends."""
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        *,
+        peer_certificates: bool = False,
+        first_message_timeout_s: float = 10.0,
+        peers: PeerStreams | None = None,
+    ) -> None:
         self.auth = auth
+        self.peer_certificates = peer_certificates
+        self.first_message_timeout_s = first_message_timeout_s
+        self.peers = peers or PeerStreams(0)
+
+    def peer(self, context: Context) -> tuple[str, str] | None:
+        """("vehicle" | "service", name) from the verified client certificate, or None."""
+        if not self.peer_certificates:
+            return None
+        return tls.peer_identity(context.auth_context())
 
     def principal(self, context: Context, scope: str | None) -> Principal:
+        if scope is not None:
+            peer = self.peer(context)
+            if peer is not None and peer[0] == "vehicle":
+                raise PermissionDenied(
+                    f"a vehicle certificate ({peer[1]!r}) cannot call the command service"
+                )
         principal = self.auth.authenticate(context.invocation_metadata())
         if scope is not None:
             principal.require(scope)
@@ -95,15 +128,21 @@ class Handlers:
     ) -> grpc.RpcMethodHandler[Any, Any]:
         what = method.__name__
 
-        async def handle(raw: bytes, context: Context) -> Message | None:
+        async def handle(requests: AsyncIterator[bytes], context: Context) -> Message | None:
+            host = None
             try:
+                host = self.peers.enter(context)
                 principal = self.principal(context, scope)
+                raw = await first_message(context, self.first_message_timeout_s)
                 return await method(parse(request_type, raw), principal, deadline_s(context))
             except Exception as exc:
                 await fail(context, exc, what)
                 return None  # not reached: fail() ends the call
+            finally:
+                if host is not None:
+                    self.peers.leave(host)
 
-        return grpc.unary_unary_rpc_method_handler(handle, response_serializer=serialize)
+        return grpc.stream_unary_rpc_method_handler(handle, response_serializer=serialize)
 
     def server_stream(
         self,
@@ -113,15 +152,23 @@ class Handlers:
     ) -> grpc.RpcMethodHandler[Any, Any]:
         what = method.__name__
 
-        async def handle(raw: bytes, context: Context) -> AsyncIterator[Message]:
+        async def handle(
+            requests: AsyncIterator[bytes], context: Context
+        ) -> AsyncIterator[Message]:
+            host = None
             try:
+                host = self.peers.enter(context)
                 principal = self.principal(context, scope)
+                raw = await first_message(context, self.first_message_timeout_s)
                 async for item in method(parse(request_type, raw), principal):
                     yield item
             except Exception as exc:
                 await fail(context, exc, what)
+            finally:
+                if host is not None:
+                    self.peers.leave(host)
 
-        return grpc.unary_stream_rpc_method_handler(handle, response_serializer=serialize)
+        return grpc.stream_stream_rpc_method_handler(handle, response_serializer=serialize)
 
     def bidi(self, method: Callable[[Context], Awaitable[None]]) -> grpc.RpcMethodHandler[Any, Any]:
         """A stream whose method reads and writes through the context itself (it
@@ -129,9 +176,14 @@ class Handlers:
         what = method.__name__
 
         async def handle(requests: AsyncIterator[bytes], context: Context) -> None:
+            host = None
             try:
+                host = self.peers.enter(context)
                 await method(context)
             except Exception as exc:
                 await fail(context, exc, what)
+            finally:
+                if host is not None:
+                    self.peers.leave(host)
 
         return grpc.stream_stream_rpc_method_handler(handle, response_serializer=serialize)

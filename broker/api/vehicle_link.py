@@ -11,8 +11,9 @@ import grpc
 from broker.api.handlers import Context, Handlers
 from broker.config import Config
 from broker.core.commands import check_id
-from broker.core.errors import BrokerError, InvalidArgument, Unavailable
+from broker.core.errors import BrokerError, InvalidArgument, PermissionDenied, Unavailable
 from broker.core.stream import OUTBOX_BATCH, Links, VehicleStream, parse_hello
+from broker.security.auth import Hold, Principal
 from broker.v1 import vehicle_link_pb2 as link
 from broker.wire import VEHICLE_ID_HEADER
 
@@ -33,9 +34,10 @@ class VehicleLink:
         )
 
     async def connect(self, context: Context) -> None:
-        stream = await self._handshake(context)
-        if stream is None:
+        opened = await self._handshake(context)
+        if opened is None:
             return
+        stream, hold = opened
         session = stream.session
         try:
             reader = asyncio.create_task(self._read(context, stream))
@@ -44,22 +46,22 @@ class VehicleLink:
             finally:
                 reader.cancel()
         finally:
+            hold.release()
             await self._links.close(stream)
         if session.close_error is not None:
             raise session.close_error
 
-    async def _handshake(self, context: Context) -> VehicleStream | None:
+    async def _handshake(self, context: Context) -> tuple[VehicleStream, Hold] | None:
         """Hello in, Welcome out, the car's queue on its way; None if the car hung up first.
+        The hold ends the stream (UNAUTHENTICATED) when the car's token expires or is revoked.
 
         A function of its own so that what the handshake parsed and built is freed before
         the stream settles down for hours (every byte here is multiplied by the fleet).
         """
-        principal = self._handlers.principal(context, None)
         metadata = context.invocation_metadata() or ()
         claimed = next((str(v) for k, v in metadata if k == VEHICLE_ID_HEADER), None)
-        vehicle_id = check_id(
-            "vehicle id", self._handlers.auth.vehicle_identity(principal, claimed)
-        )
+        vehicle_id, principal = self._identity(context, claimed)
+        check_id("vehicle id", vehicle_id)
         timeout_s = self._config.hello_timeout_s
         try:
             first = await asyncio.wait_for(context.read(), timeout_s)
@@ -69,14 +71,33 @@ class VehicleLink:
             return None
         hello = parse_hello(first)
         stream, welcome = await self._links.open(vehicle_id, hello)
+        hold = self._handlers.auth.hold(principal, stream.session.close)
         try:
             await context.write(welcome)
             stream.session.task = asyncio.current_task()
             self._links.connected(stream, hello)
         except BaseException:
+            hold.release()
             await self._links.close(stream)
             raise
-        return stream
+        return stream, hold
+
+    def _identity(self, context: Context, claimed: str | None) -> tuple[str, Principal]:
+        """The car's id: from its verified certificate on an mTLS port (a different id
+        claimed in metadata is refused), else from its token (or, in insecure-dev mode,
+        the metadata); and the principal whose credential the stream holds."""
+        peer = self._handlers.peer(context)
+        if peer is None:
+            principal = self._handlers.principal(context, None)
+            return self._handlers.auth.vehicle_identity(principal, claimed), principal
+        kind, name = peer
+        if kind != "vehicle":
+            raise PermissionDenied(f"a {kind} certificate ({name!r}) cannot open a vehicle stream")
+        if claimed is not None and claimed != name:
+            raise PermissionDenied(
+                f"this certificate is for vehicle {name!r}; it cannot open {claimed[:80]!r}"
+            )
+        return name, Principal("vehicle", name)
 
     async def _write(self, context: Context, stream: VehicleStream) -> None:
         session = stream.session

@@ -283,15 +283,20 @@ class Commands:
             return await self._store.list_vehicle(vehicle_id, limit=limit)
 
     async def watch(
-        self, vehicle_ids: list[str], command_ids: list[str]
+        self,
+        vehicle_ids: list[str],
+        command_ids: list[str],
+        *,
+        ended: asyncio.Future[BrokerError] | None = None,
     ) -> AsyncIterator[t.Command]:
+        """Status changes (`EventHub.watch`; `ended` ends the stream with its error)."""
         for vehicle_id in vehicle_ids:
             check_id("vehicle_ids", vehicle_id)
         if len(vehicle_ids) + len(command_ids) > WATCH_FILTER_MAX:
             raise InvalidArgument(
                 f"watch at most {WATCH_FILTER_MAX} vehicles and commands in one stream"
             )
-        async for command in self._events.watch(vehicle_ids, command_ids):
+        async for command in self._events.watch(vehicle_ids, command_ids, ended=ended):
             yield command
 
     async def vehicle_state(self, vehicle_id: str) -> svc.VehicleState:

@@ -19,6 +19,8 @@ class _Watcher:
         self.overflowed = False
         #: set when the stream must end (shutdown), after what is queued
         self.closing: BrokerError | None = None
+        #: set when the stream must end now, before anything still queued
+        self.ended: BrokerError | None = None
 
     def wants(self, command: t.Command) -> bool:
         if not self.vehicle_ids and not self.command_ids:
@@ -101,15 +103,32 @@ class EventHub:
             del self._waiters[command_id]
 
     async def watch(
-        self, vehicle_ids: Collection[str], command_ids: Collection[str]
+        self,
+        vehicle_ids: Collection[str],
+        command_ids: Collection[str],
+        *,
+        ended: asyncio.Future[BrokerError] | None = None,
     ) -> AsyncIterator[t.Command]:
-        """Changes matching the filters (all, if both are empty) until the caller stops."""
+        """Changes matching the filters (all, if both are empty) until the caller stops,
+        or until `ended` is set: then the stream ends at once with that error (its
+        caller's credential expired or was revoked), whatever is still queued."""
         if self.draining:
             raise Unavailable("the broker is shutting down", retry_after_ms=retry_hint_ms())
         watcher = _Watcher(vehicle_ids, command_ids, self._watcher_depth)
         self._watchers.add(watcher)
+
+        def end(future: asyncio.Future[BrokerError]) -> None:
+            if not future.cancelled():
+                watcher.ended = future.result()
+                if not watcher.queue.full():
+                    watcher.queue.put_nowait(None)  # wake it
+
+        if ended is not None:
+            ended.add_done_callback(end)
         try:
             while True:
+                if watcher.ended is not None:
+                    raise watcher.ended
                 if watcher.queue.empty():
                     if watcher.closing is not None:
                         raise watcher.closing
@@ -122,6 +141,8 @@ class EventHub:
                 if command is not None:
                     yield command
         finally:
+            if ended is not None:
+                ended.remove_done_callback(end)
             self._watchers.discard(watcher)
 
     @property

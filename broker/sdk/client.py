@@ -8,7 +8,9 @@ Failures raise `BrokerRpcError`, whose `code` is the gRPC status name.
 
 Retries are safe by default. Every send carries an idempotency key (one is generated per
 logical send unless the caller gives one), so the SDK retries a send that failed in
-transit — UNAVAILABLE (the broker restarting, a connection lost), with the broker's
+transit — UNAVAILABLE (the broker restarting, a connection lost, a stream refused), or
+CANCELLED by the server (grpc sheds requests still pending when a burst exceeds its
+limits: they never reached the broker's code) — with the broker's
 pushback hint or a jittered backoff — until the call's timeout, and the broker answers a
 retry that reaches a command it already has with that command (`deduplicated`), never a
 second one. A call that still fails with UNAVAILABLE or DEADLINE_EXCEEDED may have been
@@ -34,7 +36,7 @@ import grpc
 from broker.core import lanes
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
-from broker.wire import pushback_ms
+from broker.wire import TokenSource, bearer, pushback_ms
 
 T = TypeVar("T")
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -85,6 +87,11 @@ def _rpc_error(error: grpc.aio.AioRpcError) -> BrokerRpcError:
     )
 
 
+#: refusals the SDK retries (see the module docstring); a call the caller cancels raises
+#: asyncio.CancelledError, never CANCELLED, so that is only ever the server's
+RETRIED = frozenset({"UNAVAILABLE", "CANCELLED"})
+
+
 class BrokerClient:
     """Async CommandService client. Create it inside the running event loop."""
 
@@ -92,8 +99,9 @@ class BrokerClient:
         self,
         target: str = DEFAULT_TARGET,
         *,
-        token: str | None = None,
+        token: TokenSource = None,
         channel: grpc.aio.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         timeout_s: float = 30.0,
         max_retries: int = 8,
         reconnect_wait_s: float = 15.0,
@@ -103,9 +111,19 @@ class BrokerClient:
         disables). Safe: reads change nothing, sends carry an idempotency key.
         `reconnect_wait_s`: how long a call lost in transit waits for the broker to be
         reachable again (a restart), within its timeout; 0 fails at once."""
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        # TLS: `credentials` trust the broker's CA (and carry a client certificate for
+        # mTLS): broker.security.tls.channel_credentials.
         self._owns_channel = channel is None
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if channel is None:
+            channel = (
+                grpc.aio.secure_channel(target, credentials)
+                if credentials is not None
+                else grpc.aio.insecure_channel(target)
+            )
+        self._channel = channel
+        # A provider is asked before each call; a call refused UNAUTHENTICATED (the token
+        # ran out) is tried once more if the provider then has another token.
+        self._token = token
         self._timeout_s = timeout_s
         self._max_retries = max_retries
         self._reconnect_wait_s = reconnect_wait_s
@@ -141,14 +159,17 @@ class BrokerClient:
         )
         deadline = time.monotonic() + (timeout_s or self._timeout_s)
         retries = 0
+        renewed = False
         while True:
+            metadata = bearer(self._token)
             try:
-                return await call(
-                    request, metadata=self._metadata, timeout=deadline - time.monotonic()
-                )
+                return await call(request, metadata=metadata, timeout=deadline - time.monotonic())
             except grpc.aio.AioRpcError as error:
                 refusal = _rpc_error(error)
-            if refusal.code != "UNAVAILABLE" or retries >= self._max_retries:
+            if refusal.code == "UNAUTHENTICATED" and not renewed and self._renews(metadata):
+                renewed = True
+                continue
+            if refusal.code not in RETRIED or retries >= self._max_retries:
                 raise refusal
             if refusal.retry_after_ms is not None:
                 self.pushbacks += 1
@@ -174,6 +195,10 @@ class BrokerClient:
             self.retries += 1
             if retried is not None:
                 retried.append(refusal)
+
+    def _renews(self, refused: tuple[tuple[str, str], ...]) -> bool:
+        """Whether the token provider now has a token other than the refused one."""
+        return callable(self._token) and bearer(self._token) != refused
 
     async def send_command(
         self,
@@ -248,7 +273,12 @@ class BrokerClient:
     async def watch_commands(
         self, vehicle_ids: Iterable[str] = (), command_ids: Iterable[str] = ()
     ) -> AsyncIterator[Any]:
-        """Status changes as the broker records them, until the caller stops iterating."""
+        """Status changes as the broker records them, until the caller stops iterating.
+
+        The broker ends a watch with UNAUTHENTICATED (`BrokerRpcError`) when the token it
+        was opened with expires or is revoked: watch again (with a token provider, the
+        new watch takes the provider's current token), and re-read current status, as
+        changes between the two watches are not replayed."""
         call = self._channel.unary_stream(
             "/broker.v1.CommandService/WatchCommands",
             request_serializer=svc.WatchCommandsRequest.SerializeToString,
@@ -256,7 +286,7 @@ class BrokerClient:
         )
         stream = call(
             svc.WatchCommandsRequest(vehicle_ids=list(vehicle_ids), command_ids=list(command_ids)),
-            metadata=self._metadata,
+            metadata=bearer(self._token),
         )
         try:
             async for command in stream:
@@ -318,7 +348,7 @@ def _whole_ms(seconds: float | None) -> int:
 class SyncBrokerClient:
     """Blocking twin of `BrokerClient` for sync code: runs one on a private loop thread."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: TokenSource = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,7 +19,9 @@ from broker.sdk.vehicle import (
     car_channel_options,
     signals,
 )
-from broker.security.auth import issue_token
+from broker.security.keys import load_private_key
+from broker.security.tls import channel_credentials
+from broker.security.tokens import TokenMinter
 
 CARS_PER_CHANNEL = 500
 
@@ -143,7 +146,9 @@ class SimulatedFleet:
         target: str,
         vehicle_ids: list[str],
         *,
-        secret: str | None = None,
+        vehicle_key: Path | None = None,
+        tls_ca: Path | None = None,
+        cert_dir: Path | None = None,
         telemetry_hz: float = 0.0,
         rng: random.Random | None = None,
         obey_policy: bool = True,
@@ -157,18 +162,38 @@ class SimulatedFleet:
         self._channels: list[grpc.aio.Channel] = []
         self.cars: list[SimulatedCar] = []
         self._vehicle_ids = vehicle_ids
-        self._secret = secret
+        # The simulator plays the fleet's token service too: each car gets a provider
+        # that mints its tokens with the vehicle signing key (a real car never holds it).
+        self._vehicle_key = load_private_key(vehicle_key) if vehicle_key is not None else None
         self._tasks: list[asyncio.Task[Any]] = []
+        #: TLS: trust this CA; with `cert_dir` (VEHICLE_ID.pem and .key, as `broker certs
+        #: car` writes them) every car is its own mTLS connection, identified by its
+        #: certificate (an identity is per connection: mTLS cars cannot share one)
+        self._tls_ca = tls_ca
+        self._cert_dir = cert_dir
+
+    def _credentials(self, vehicle_id: str) -> grpc.ChannelCredentials | None:
+        if self._tls_ca is None:
+            return None
+        if self._cert_dir is None:
+            return channel_credentials(self._tls_ca)
+        folder = self._cert_dir
+        return channel_credentials(
+            self._tls_ca, folder / f"{vehicle_id}.pem", folder / f"{vehicle_id}.key"
+        )
 
     async def start(self) -> None:
-        self._channels = shared_channels(self.target, len(self._vehicle_ids))
+        own_connections = self._tls_ca is not None
+        if not own_connections:
+            self._channels = shared_channels(self.target, len(self._vehicle_ids))
         for index, vehicle_id in enumerate(self._vehicle_ids):
-            token = issue_token(self._secret, vehicle=vehicle_id) if self._secret else None
+            key = self._vehicle_key
             agent = VehicleAgent(
                 self.target,
                 vehicle_id,
-                token=token,
-                channel=self._channels[index // CARS_PER_CHANNEL],
+                token=TokenMinter(key, vehicle=vehicle_id) if key is not None else None,
+                channel=None if own_connections else self._channels[index // CARS_PER_CHANNEL],
+                credentials=self._credentials(vehicle_id),
                 firmware="sim",
                 obey_policy=self.obey_policy,
                 backoff_cap_s=self.backoff_cap_s,

@@ -1,8 +1,14 @@
 """Vehicle SDK: the car side of VehicleLink, for real agents and simulators.
 
-    agent = VehicleAgent("127.0.0.1:50051", "car-1", token=TOKEN,
+    agent = VehicleAgent("127.0.0.1:50051", "car-1", token=current_token,
                          handlers={"unlock": unlock_doors})
     await agent.run()   # holds the stream, reconnecting with backoff, until stop()
+
+`token` is a fixed token or a provider (a callable returning the current one, e.g.
+`broker.security.tokens.TokenMinter` or a call to the fleet's token service). The broker
+ends a stream with UNAUTHENTICATED when its token expires or is revoked; with a provider
+that then has another token the agent reconnects at once with it, otherwise a refusal
+(UNAUTHENTICATED, PERMISSION_DENIED) ends `run()` with the error.
 
 A handler takes the payload bytes and returns True/False, or `(success, message, detail)`.
 The agent never executes a command after its `expires_at`, and executes each command id
@@ -35,7 +41,7 @@ import grpc
 from broker.core.clock import now_ms, steady_ns
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
-from broker.wire import VEHICLE_ID_HEADER, pushback_ms
+from broker.wire import VEHICLE_ID_HEADER, TokenSource, bearer, pushback_ms
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +96,15 @@ def full_jitter_backoff(attempt: int, base_s: float, cap_s: float) -> float:
     return random.uniform(0, min(cap_s, base_s * (2 ** min(attempt, 30))))
 
 
+def open_channel(
+    target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+) -> grpc.aio.Channel:
+    """A TLS channel with `credentials`, else a plaintext one."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
 class VehicleAgent:
     """One car's connection to the broker."""
 
@@ -98,9 +113,10 @@ class VehicleAgent:
         target: str,
         vehicle_id: str,
         *,
-        token: str | None = None,
+        token: TokenSource = None,
         handlers: Mapping[str, Handler] | None = None,
         channel: grpc.aio.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         firmware: str = "sdk",
         backoff_base_s: float = 0.2,
         backoff_cap_s: float = 30.0,
@@ -119,14 +135,14 @@ class VehicleAgent:
         """
         self.vehicle_id = vehicle_id
         self.handlers: dict[str, Handler] = dict(handlers or {})
-        self._channel = channel or grpc.aio.insecure_channel(
-            target, options=car_channel_options(keepalive_s)
+        # mTLS: `credentials` carry this car's certificate (broker.security.tls
+        # .channel_credentials); the broker takes the car's identity from it.
+        self._channel = channel or open_channel(
+            target, credentials, car_channel_options(keepalive_s)
         )
         self._owns_channel = channel is None
-        metadata = [(VEHICLE_ID_HEADER, vehicle_id)]
-        if token:
-            metadata.append(("authorization", f"Bearer {token}"))
-        self._metadata = tuple(metadata)
+        self._token = token
+        self._metadata: tuple[tuple[str, str], ...] = ()  # of the latest attempt
         self._firmware = firmware
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
@@ -160,6 +176,8 @@ class VehicleAgent:
         self._bytes_checked_at = time.monotonic()
         self.last_error: grpc.aio.AioRpcError | None = None
         self.connects = 0
+        #: reconnects with a fresh token after the broker refused the last one
+        self.renewals = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -174,6 +192,14 @@ class VehicleAgent:
             except grpc.aio.AioRpcError as error:
                 self.last_error = error
                 delay_hint_s = _pushback_s(error)
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED and self._renews():
+                    # The token ran out (or was revoked) and the provider has another:
+                    # back at once, with a little jitter so a fleet does not come in step.
+                    logger.info("vehicle %s: %s; renewing", self.vehicle_id, error.details())
+                    self.renewals += 1
+                    failures = 0
+                    await asyncio.sleep(random.uniform(0, self._backoff_base_s))
+                    continue
                 if error.code() in (
                     grpc.StatusCode.UNAUTHENTICATED,
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -190,6 +216,13 @@ class VehicleAgent:
             backoff = full_jitter_backoff(failures, self._backoff_base_s, self._backoff_cap_s)
             await asyncio.sleep(max(backoff, delay_hint_s * random.uniform(1.0, 1.5)))
 
+    def _renews(self) -> bool:
+        """Whether the token provider now has a token other than the one just refused."""
+        return callable(self._token) and self._stream_metadata() != self._metadata
+
+    def _stream_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((VEHICLE_ID_HEADER, self.vehicle_id), *bearer(self._token))
+
     async def connect_once(self) -> float:
         """One session: Hello, Welcome, then frames until the stream ends.
 
@@ -201,6 +234,7 @@ class VehicleAgent:
             request_serializer=link.VehicleFrame.SerializeToString,
             response_deserializer=link.BrokerFrame.FromString,
         )
+        self._metadata = self._stream_metadata()
         call = connect(metadata=self._metadata, compression=self._compression, wait_for_ready=True)
         self._call = call
         reconnect_after_s = 0.0

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from broker.api.command_service import CommandService
 from broker.api.handlers import Handlers
+from broker.api.limits import PeerStreams, health_handler
 from broker.api.vehicle_link import VehicleLink
 from broker.config import Config
 from broker.core import clock
@@ -26,6 +28,10 @@ from broker.core.state import VehicleStates
 from broker.core.stream import DRAIN, Links
 from broker.core.telemetry import TelemetryGuard
 from broker.security.auth import Authenticator
+from broker.security.keys import load_trusted_keys, split_locations
+from broker.security.revocation import RevocationList
+from broker.security.tls import ServerTls, server_credentials, tls_files_text
+from broker.security.tokens import TokenRules
 from broker.server.loops import Liveness, StateFlush, tune_gc
 from broker.server.metrics import BrokerCollector, serve_metrics
 from broker.storage.lmdb_store import LmdbStore
@@ -42,19 +48,23 @@ SERVICE_NAMES = (
 def server_options(config: Config) -> list[tuple[str, Any]]:
     """Channel args for the grpc.aio server.
 
-    grpc core's defaults cap *pending* (not yet matched to a handler) requests, and the
-    excess of a burst of new streams is cancelled: measured here, from ~1,200-1,500
-    streams opened at once, ~20% of a 3,000-stream burst (clients see CANCELLED, or
-    INTERNAL if they wrote first). A fleet reconnecting after an outage is exactly that
-    burst. Raised well above any burst one process should take
-    (tests/e2e/test_burst.py shows both sides).
+    grpc core's pending-request caps (`grpc.server.max_pending_requests`, 1,000 soft /
+    3,000 hard: calls that arrived but are not yet matched to a handler; past the soft
+    cap new ones are refused with a rising probability) are left at grpc's defaults. They
+    are what bounds a rapid-reset flood (HEADERS + RST_STREAM pairs): raised to
+    100,000/200,000 the broker grew from 48 MB to 1.65 GB under 200,000 pairs, and a
+    healthy car's unlock took 12.6 s (loadtests/h2flood.py). The cost is that a burst of
+    new streams past the caps is cancelled in part; the car SDK reconnects with jittered
+    backoff, so a reconnect storm is absorbed by the clients' retries (and spread by the
+    stream gate), not by a deeper queue (tests/e2e/test_burst.py).
+
+    `max_concurrent_streams` per connection is the config's; what a peer may hold before
+    it authenticates is bounded in the handlers (broker/api/limits.py).
     """
     return [
-        ("grpc.server.max_pending_requests", 100_000),
-        ("grpc.server.max_pending_requests_hard_limit", 200_000),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_concurrent_streams", 1_000_000),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         # A car's link that dies without a FIN is found by our pings within 30 s (in C,
         # next to nothing per car; the heartbeat check covers what pings cannot see,
         # a proxy in between). Cars ping every 10 s (broker.sdk.vehicle.car_channel_options):
@@ -67,11 +77,37 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
     ]
 
 
+def authenticator(config: Config) -> Authenticator:
+    """Token checking from the config: public keys by role, revocations, lifetimes, skew."""
+    keys = load_trusted_keys(
+        {
+            "vehicle": split_locations(config.auth_vehicle_keys),
+            "service": split_locations(config.auth_service_keys),
+        }
+    )
+    return Authenticator(
+        keys,
+        rules=TokenRules(
+            clock_skew_s=config.auth_clock_skew_s,
+            max_ttl_s={
+                "vehicle": config.auth_vehicle_max_ttl_s,
+                "service": config.auth_service_max_ttl_s,
+            },
+        ),
+        revocations=RevocationList(
+            Path(config.auth_revocation_file) if config.auth_revocation_file else None
+        ),
+        insecure_dev=config.insecure_dev,
+    )
+
+
 class Broker:
     """The running broker: store, dispatcher, sessions, the gRPC server and background loops."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Keys and the revocation list first: a bad one stops the start before the store opens.
+        self.auth = authenticator(config)
         self.store = LmdbStore(
             config.data_dir,
             map_size=config.map_size_mb << 20,
@@ -126,7 +162,13 @@ class Broker:
         expired = await self.dispatcher.fire_timers()
         logger.info("recovered %d pending commands (%d expired or timed out)", recovered, expired)
         config = self.config
-        handlers = Handlers(Authenticator(config.auth_secret, insecure_dev=config.insecure_dev))
+        self.peers = PeerStreams(config.max_streams_per_peer)
+        handlers = Handlers(
+            self.auth,
+            peer_certificates=bool(config.tls_client_ca_file),
+            first_message_timeout_s=config.first_message_timeout_s,
+            peers=self.peers,
+        )
         commands = Commands(
             config, self.store, self.dispatcher, self.events, self.states, self.admission
         )
@@ -134,18 +176,24 @@ class Broker:
         server = grpc.aio.server(options=server_options(config))
         server.add_generic_rpc_handlers(
             (
-                CommandService(commands).handler(handlers),
+                CommandService(commands, self.auth).handler(handlers),
                 VehicleLink(config, handlers, links).handler(),
             )
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        server.add_generic_rpc_handlers(
+            (health_handler(self.health, config.first_message_timeout_s),)
         )
+        if config.reflection_on:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
         try:
-            port = server.add_insecure_port(self.config.listen)
+            port = self._bind(server)
         except RuntimeError:  # grpc >= 1.5x raises where older versions returned 0
             port = 0
+        except Unavailable:
+            await self.store.close()
+            raise
         if port == 0:
             await self.store.close()
             raise Unavailable(f"could not bind {self.config.listen} (in use?)")
@@ -161,8 +209,25 @@ class Broker:
             asyncio.create_task(self.dispatcher.run_timers(), name="timers"),
             asyncio.create_task(flush.run(), name="state-flush"),
             asyncio.create_task(self.liveness.run(), name="liveness"),
+            asyncio.create_task(self.auth.run(), name="revocations"),
         ]
         return port
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """Bind the listen address: TLS (mTLS with a client CA) when configured."""
+        config = self.config
+        if not config.tls_cert_file:
+            return server.add_insecure_port(config.listen)
+        tls = ServerTls(
+            Path(config.tls_cert_file),
+            Path(config.tls_key_file),
+            Path(config.tls_client_ca_file) if config.tls_client_ca_file else None,
+        )
+        try:
+            credentials = server_credentials(tls)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"cannot load the TLS files ({tls_files_text(tls)}): {exc}") from None
+        return server.add_secure_port(config.listen, credentials)
 
     def collector(self) -> BrokerCollector:
         """The Prometheus collector over this broker's parts."""

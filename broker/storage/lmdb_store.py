@@ -39,6 +39,7 @@ car connects (`load_pending`), so millions of queued commands cost disk, not RAM
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -84,15 +85,26 @@ RECLAIM_MIN_AGE_MS = 60_000
 
 
 def _lock_folder(path: Path) -> IO[bytes]:
-    """Hold an exclusive lock on the data folder for this process's lifetime.
+    """Make the data folder private and hold an exclusive lock on it for this process's
+    lifetime.
 
-    Two brokers on one folder would each keep their own sequence counter and corrupt
-    each other's indexes. The kernel drops the lock when the process dies (even by
-    kill -9), so a restart never finds a stale lock.
+    The folder is 0700 and every file in it 0600 whatever the umask (commands carry
+    payloads such as unlock PINs), so no other local user can read the store or take
+    the lock. Two brokers on one folder would each keep their own sequence counter and
+    corrupt each other's indexes. The kernel drops the lock when the process dies (even
+    by kill -9), so a restart never finds a stale lock.
     """
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        lock_file = open(path / "broker.lock", "wb")  # noqa: SIM115 - held until close()
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.stat().st_uid != os.geteuid():
+            raise OSError(f"it belongs to another user (uid {path.stat().st_uid})")
+        path.chmod(0o700)
+        fd = os.open(path / "broker.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
+        lock_file = os.fdopen(fd, "r+b")
+        for name in DATA_FILES:  # written by an older version, or with a looser umask
+            with contextlib.suppress(FileNotFoundError):
+                (path / name).chmod(0o600)
     except OSError as exc:
         raise StoreUnavailable(f"cannot use {path} as the data folder: {exc}") from None
     try:
@@ -103,6 +115,10 @@ def _lock_folder(path: Path) -> IO[bytes]:
             f"the data folder {path} is in use by another broker process"
         ) from None
     return lock_file
+
+
+#: the files LMDB keeps in the data folder (created 0600: `lmdb.open(mode=...)`)
+DATA_FILES = ("data.mdb", "lock.mdb")
 
 
 def _pending_key(command: t.Command) -> bytes:
@@ -138,6 +154,7 @@ class LmdbStore(StoreInterface):
                 sync=fsync,
                 metasync=fsync,
                 map_async=False,
+                mode=0o600,
             )
         except lmdb.Error as exc:
             self._lock_file.close()

@@ -14,7 +14,7 @@ import pytest
 from broker.sdk.vehicle import VehicleAgent, succeed
 from broker.server.broker import Broker
 from broker.testing import BrokerProcess
-from tests.conftest import SECRET, make_config
+from tests.conftest import make_config, session_keys
 from tests.e2e.harness import Running
 
 
@@ -67,13 +67,14 @@ async def cars() -> AsyncIterator[Callable[..., Any]]:
 def spawn(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     """`spawn(**BrokerProcess kwargs)`: a started broker subprocess, SIGKILLed at teardown.
 
-    It requires tokens signed with SECRET unless told otherwise (`secret=None`: insecure).
+    It requires tokens signed by the session's keys unless told otherwise (`keys=None`:
+    insecure-dev).
     """
     started: list[BrokerProcess] = []
     counter = itertools.count(1)
 
     def start(data_dir: Path | None = None, **kwargs: Any) -> BrokerProcess:
-        kwargs.setdefault("secret", SECRET)
+        kwargs.setdefault("keys", session_keys())
         log_path = tmp_path / f"broker-{next(counter)}.log"
         process = BrokerProcess(data_dir or tmp_path / "data", log_path, **kwargs)
         started.append(process)

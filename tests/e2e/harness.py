@@ -10,10 +10,9 @@ from typing import Any
 from broker.sdk.client import BrokerClient
 from broker.sdk.simulator import SimulatedFleet
 from broker.sdk.vehicle import VehicleAgent
-from broker.security.auth import issue_token
 from broker.server.broker import Broker
 from broker.v1 import types_pb2 as t
-from tests.conftest import SECRET, eventually
+from tests.conftest import eventually, session_keys
 
 #: statuses a command passes through on its way to an outcome
 IN_PROGRESS = frozenset({t.ACCEPTED, t.QUEUED, t.DELIVERED, t.ACKED})
@@ -27,8 +26,10 @@ class Running:
         self.target = f"127.0.0.1:{broker.port}"
         self._closers: list[Any] = []
 
-    def service_token(self, *scopes: str) -> str:
-        return issue_token(SECRET, service="tests", scopes=scopes or ("send", "read"))
+    def service_token(self, *scopes: str, **kwargs: Any) -> str:
+        """A token of service "tests" with `scopes` (default: send, read); `issue_token`
+        keywords (`ttl_s`, `token_id`, ...) apply."""
+        return session_keys().service_token(*scopes, **kwargs)
 
     def client(self, *scopes: str, token: str | None = None) -> BrokerClient:
         client = BrokerClient(
@@ -38,7 +39,7 @@ class Running:
         return client
 
     def agent(self, vehicle_id: str, **kwargs: Any) -> VehicleAgent:
-        kwargs.setdefault("token", issue_token(SECRET, vehicle=vehicle_id))
+        kwargs.setdefault("token", session_keys().vehicle_token(vehicle_id))
         kwargs.setdefault("backoff_base_s", 0.05)
         kwargs.setdefault("backoff_cap_s", 0.5)
         agent = VehicleAgent(self.target, vehicle_id, **kwargs)
@@ -46,7 +47,9 @@ class Running:
         return agent
 
     def fleet(self, vehicle_ids: list[str], **kwargs: Any) -> SimulatedFleet:
-        fleet = SimulatedFleet(self.target, vehicle_ids, secret=SECRET, **kwargs)
+        fleet = SimulatedFleet(
+            self.target, vehicle_ids, vehicle_key=session_keys().vehicle_key, **kwargs
+        )
         self._closers.append(fleet.stop)
         return fleet
 

@@ -8,14 +8,15 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.sdk.client import BrokerRpcError, build_request
 from broker.sdk.vehicle import VehicleAgent, succeed
-from broker.security.auth import issue_token
+from broker.security.tokens import issue_token
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
-from tests.conftest import SECRET
+from tests.conftest import session_keys
 from tests.e2e.harness import Running
 
 
@@ -91,15 +92,15 @@ async def test_invalid_fields(running: Running, kwargs: dict[str, Any], needle: 
 async def test_auth_failures(running: Running, bystander: Any) -> None:
     anonymous = running.client(token="")
     await _expect("UNAUTHENTICATED", anonymous.send_command("car-1", "unlock"))
-    forged = issue_token("another-secret-0123456789", service="x", scopes=["send"])
+    forged = issue_token(Ed25519PrivateKey.generate(), service="x", scopes=["send"])
     await _expect("UNAUTHENTICATED", running.client(token=forged).send_command("car-1", "lock"))
-    expired = issue_token(SECRET, service="x", scopes=["send"], ttl_s=-1)
+    expired = session_keys().service_token("send", name="x", ttl_s=-1)
     await _expect("UNAUTHENTICATED", running.client(token=expired).send_command("car-1", "lock"))
     await _expect("UNAUTHENTICATED", running.client(token="v1.garbage").get_command("x"))
     reader = running.client("read")
     await _expect("PERMISSION_DENIED", reader.send_command("car-1", "unlock"))
     assert (await reader.list_commands("car-1")) == []
-    car_token = issue_token(SECRET, vehicle="car-1")
+    car_token = session_keys().vehicle_token("car-1")
     await _expect("PERMISSION_DENIED", running.client(token=car_token).get_command("x"))
     await _expect(
         "PERMISSION_DENIED",
@@ -136,7 +137,7 @@ def _bearer(token: str, vehicle: str | None = None) -> tuple[tuple[str, str], ..
 
 async def test_vehicle_stream_rejections(running: Running, bystander: Any) -> None:
     hello = link.VehicleFrame(hello=link.Hello()).SerializeToString()
-    car1 = issue_token(SECRET, vehicle="car-1")
+    car1 = session_keys().vehicle_token("car-1")
     cases: list[tuple[tuple[tuple[str, str], ...], list[bytes], grpc.StatusCode]] = [
         ((), [hello], grpc.StatusCode.UNAUTHENTICATED),
         (_bearer(car1, "car-2"), [hello], grpc.StatusCode.PERMISSION_DENIED),
@@ -159,7 +160,7 @@ async def test_vehicle_stream_rejections(running: Running, bystander: Any) -> No
 
 async def test_silent_car_is_dropped_after_hello_timeout(start_broker: Callable[..., Any]) -> None:
     running = await start_broker(hello_timeout_s=0.2)
-    car = issue_token(SECRET, vehicle="car-1")
+    car = session_keys().vehicle_token("car-1")
     assert await _connect_status(running.target, _bearer(car), []) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )

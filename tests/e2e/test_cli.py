@@ -15,16 +15,21 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import broker
-from broker.security.auth import Authenticator, issue_token
-from broker.testing import BrokerProcess, clean_env
-from tests.conftest import SECRET, eventually
+from broker.core.errors import Unauthenticated
+from broker.security.auth import Authenticator
+from broker.security.keys import load_trusted_keys
+from broker.security.tokens import issue_token
+from broker.testing import AuthKeys, BrokerProcess, clean_env
+from tests.conftest import eventually, session_keys
 
 CLI = [sys.executable, "-m", "broker.cli"]
 TIMEOUT_S = 30
@@ -139,10 +144,10 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A broker that requires tokens signed with SECRET; its target."""
+def secured(tmp_path_factory: pytest.TempPathFactory, auth_keys: AuthKeys) -> Iterator[str]:
+    """A broker that requires tokens signed by the session's keys; its target."""
     root = tmp_path_factory.mktemp("cli-auth")
-    process = BrokerProcess(root / "data", root / "broker.log", secret=SECRET)
+    process = BrokerProcess(root / "data", root / "broker.log", keys=auth_keys)
     try:
         yield process.start().target
     finally:
@@ -200,7 +205,7 @@ def test_serve_refuses_insecure_dev_on_a_non_loopback_address(tmp_path: Path) ->
     assert "refusing '0.0.0.0'" in stderr and "loopback" in stderr
 
 
-def test_serve_refuses_to_start_without_a_secret_unless_insecure_dev(tmp_path: Path) -> None:
+def test_serve_refuses_to_start_without_keys_unless_insecure_dev(tmp_path: Path) -> None:
     stderr = fails(
         "serve",
         "--listen",
@@ -209,7 +214,7 @@ def test_serve_refuses_to_start_without_a_secret_unless_insecure_dev(tmp_path: P
         str(tmp_path / "data"),
         status="INVALID_ARGUMENT",
     )
-    assert "BROKER_AUTH_SECRET" in stderr
+    assert "BROKER_AUTH_VEHICLE_KEYS" in stderr
 
 
 def test_serve_shuts_down_cleanly_on_sigterm(tmp_path: Path) -> None:
@@ -457,54 +462,86 @@ def test_errors_name_the_status_on_stderr(dev: str) -> None:
 # -- tokens and auth -------------------------------------------------------------------------------
 
 
-def test_token_issue_signs_vehicle_and_service_tokens() -> None:
-    env = {"BROKER_AUTH_SECRET": SECRET}
-    verifier = Authenticator(SECRET)
-    vehicle = run("token", "issue", "--vehicle", "car-9", env=env)
+def test_token_keygen_and_issue_mint_tokens_only_the_matching_public_key_accepts(
+    tmp_path: Path,
+) -> None:
+    made = run("token", "keygen", "--out", str(tmp_path / "keys"), "--name", "cars-a")
+    assert made.returncode == 0, made.stderr
+    private, public = tmp_path / "keys/cars-a.private.pem", tmp_path / "keys/cars-a.public.pem"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+    assert "PRIVATE KEY" not in public.read_text()
+    fails("token", "keygen", "--out", str(tmp_path / "keys"), "--name", "cars-a",
+          status="INVALID_ARGUMENT")  # fmt: skip  # never overwrites a key
+    service_key = session_keys().service_key
+    verifier = Authenticator(
+        load_trusted_keys({"vehicle": [public], "service": [session_keys().service_public]})
+    )
+    vehicle = run("token", "issue", "--key-file", str(private), "--vehicle", "car-9")
     assert vehicle.returncode == 0, vehicle.stderr
     principal = verifier.verify(vehicle.stdout.strip())
     assert (principal.kind, principal.name) == ("vehicle", "car-9")
+    assert f"token id {principal.token_id}" in vehicle.stderr
+    assert 86400 - 5 <= principal.expires_at - time.time() <= 86400  # the vehicle default
 
-    service = run("token", "issue", "--service", "app", "--scopes", "send,read", env=env)
+    service = run(
+        "token", "issue", "--key-file", str(service_key), "--service", "app",
+        "--scopes", "send,read", "--ttl", "600",
+    )  # fmt: skip
     assert service.returncode == 0, service.stderr
     principal = verifier.verify(service.stdout.strip())
     assert (principal.kind, principal.name) == ("service", "app")
     assert principal.scopes == {"send", "read"}
+    assert principal.expires_at - time.time() <= 600
+    # the car key cannot mint a service token the broker accepts
+    wrong_role = run("token", "issue", "--key-file", str(private), "--service", "app")
+    with pytest.raises(Unauthenticated, match="may sign vehicle tokens only"):
+        verifier.verify(wrong_role.stdout.strip())
 
-    fails("token", "issue", "--vehicle", "car-9", status="INVALID_ARGUMENT")  # no secret
-    fails(
-        "token",
-        "issue",
-        "--service",
-        "app",
-        "--scopes",
-        "send,root",
-        env=env,
+    fails("token", "issue", "--vehicle", "car-9", status="INVALID_ARGUMENT")  # no key file
+    fails("token", "issue", "--key-file", str(public), "--vehicle", "car-9",
+          status="INVALID_ARGUMENT")  # fmt: skip
+    fails("token", "issue", "--key-file", str(service_key), "--service", "app",
+          "--scopes", "send,root", status="INVALID_ARGUMENT")  # fmt: skip
+    fails("token", "issue", "--key-file", str(private), "--vehicle", "car-9",
+          "--service", "app", status="INVALID_ARGUMENT")  # fmt: skip
+    private.chmod(0o644)
+    stderr = fails("token", "issue", "--key-file", str(private), "--vehicle", "car-9",
+                   status="INVALID_ARGUMENT")  # fmt: skip
+    assert "readable by other users" in stderr
+
+
+def test_serve_refuses_a_private_key_as_a_verification_key(tmp_path: Path) -> None:
+    keys = session_keys()
+    stderr = fails(
+        "serve", "--listen", "127.0.0.1:0", "--data", str(tmp_path / "data"),
+        env={**keys.broker_env(), "BROKER_AUTH_VEHICLE_KEYS": str(keys.vehicle_key)},
         status="INVALID_ARGUMENT",
-    )
-    fails(
-        "token",
-        "issue",
-        "--vehicle",
-        "car-9",
-        "--service",
-        "app",
-        env=env,
+    )  # fmt: skip
+    assert "public keys only" in stderr
+    stderr = fails(
+        "serve", "--listen", "127.0.0.1:0", "--data", str(tmp_path / "data"),
+        env={**keys.broker_env(), "BROKER_AUTH_VEHICLE_KEYS": str(keys.service_public)},
         status="INVALID_ARGUMENT",
-    )
+    )  # fmt: skip
+    assert "both vehicle and service" in stderr
 
 
-def test_a_token_broker_refuses_calls_without_a_valid_token(secured: str) -> None:
+def test_a_token_broker_refuses_calls_without_a_valid_token(secured: str, tmp_path: Path) -> None:
     fails("send", "car-0", "unlock", "--target", secured, status="UNAUTHENTICATED")
-    fails(
-        "list", "car-0", "--target", secured, "--token", "v1.forged.token", status="UNAUTHENTICATED"
-    )
-    wrong = issue_token("another-secret-0123456789", service="app", scopes=["read"])
-    fails("list", "car-0", "--target", secured, "--token", wrong, status="UNAUTHENTICATED")
+    forged = tmp_path / "forged.token"
+    forged.write_text("v2.forged.token\n")
+    fails("list", "car-0", "--target", secured, "--token-file", str(forged),
+          status="UNAUTHENTICATED")  # fmt: skip
+    wrong = issue_token(Ed25519PrivateKey.generate(), service="app", scopes=["read"])
+    stderr = fails("list", "car-0", "--target", secured, env={"BROKER_TOKEN": wrong},
+                   status="UNAUTHENTICATED")  # fmt: skip
+    assert "unknown key" in stderr
 
     issued = run(
-        "token", "issue", "--service", "app", "--scopes", "send", env={"BROKER_AUTH_SECRET": SECRET}
-    )
+        "token", "issue", "--key-file", str(session_keys().service_key), "--service", "app",
+        "--scopes", "send",
+    )  # fmt: skip
     send_only = {"BROKER_TOKEN": issued.stdout.strip()}
     (sent,) = ok("send", "car-0", "unlock", "--target", secured, env=send_only)
     assert sent["status"] == "QUEUED"
@@ -514,38 +551,31 @@ def test_a_token_broker_refuses_calls_without_a_valid_token(secured: str) -> Non
     assert "lacks the 'read' scope" in stderr
 
 
-def test_vehicle_sim_exits_when_the_broker_refuses_every_car(secured: str) -> None:
+def test_vehicle_sim_exits_when_the_broker_refuses_every_car(secured: str, tmp_path: Path) -> None:
     result = run("vehicle-sim", "--vehicles", "2", "--target", secured)
     assert result.returncode != 0
     assert "error: UNAUTHENTICATED: every simulated car was refused" in result.stderr
 
-    signed = Background(
-        "vehicle-sim",
-        "--vehicles",
-        "1",
-        "--id-prefix",
-        "signed-",
-        "--target",
-        secured,
-        env={"BROKER_AUTH_SECRET": SECRET},
-    )
+    # the signing key by file (--vehicle-key), or its path in $BROKER_VEHICLE_KEY: never
+    # anything secret in argv
+    key = str(session_keys().vehicle_key)
+    by_flag = Background("vehicle-sim", "--vehicles", "1", "--id-prefix", "flag-",
+                         "--target", secured, "--vehicle-key", key)  # fmt: skip
+    by_env = Background("vehicle-sim", "--vehicles", "1", "--id-prefix", "env-",
+                        "--target", secured, env={"BROKER_VEHICLE_KEY": key})  # fmt: skip
+    token = tmp_path / "service.token"
+    token.write_text(session_keys().service_token("send", "read", name="cli-test"))
     try:
-        assert signed.line().startswith("vehicle-sim: 1 cars")
-        token = issue_token(SECRET, service="cli-test", scopes=["send", "read"])
-        (done,) = ok(
-            "send",
-            "signed-0",
-            "unlock",
-            "--wait",
-            "result",
-            "--timeout",
-            "10",
-            "--target",
-            secured,
-            "--token",
-            token,
-        )
-        assert done["status"] == "SUCCEEDED"
+        for sim, car in ((by_flag, "flag-0"), (by_env, "env-0")):
+            assert sim.line().startswith("vehicle-sim: 1 cars")
+            (done,) = ok(
+                "send", car, "unlock", "--wait", "result", "--timeout", "10",
+                "--target", secured, "--token-file", str(token),
+            )  # fmt: skip
+            assert done["status"] == "SUCCEEDED"
+            argv = Path(f"/proc/{sim.proc.pid}/cmdline").read_bytes()
+            assert b"PRIVATE" not in argv
     finally:
-        code, stderr = signed.stop()
-    assert code == 0, stderr
+        results = [by_flag.stop(), by_env.stop()]
+    for code, stderr in results:
+        assert code == 0, stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -204,7 +205,7 @@ async def test_unacked_commands_are_resent_with_next_attempt(running: Running, o
     )
     from broker.v1 import vehicle_link_pb2 as link
 
-    call = connect(metadata=agent._metadata)
+    call = connect(metadata=agent._stream_metadata())
     await call.write(link.VehicleFrame(hello=link.Hello()))
     frames = [link.BrokerFrame.FromString(await call.read()) for _ in range(2)]
     assert frames[1].command.command_id == reply.command.command_id
@@ -331,7 +332,20 @@ async def test_sync_client_from_plain_code(running: Running) -> None:
     assert status == t.QUEUED and command_id
 
 
-async def test_health_and_reflection(running: Running) -> None:
+async def test_health_always_and_reflection_when_asked(
+    running: Running, start_broker: Callable[..., Any], tmp_path: Path
+) -> None:
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        listing = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.aio.AioRpcError) as off:  # production default: not listed
+            async for _ in stub.ServerReflectionInfo(iter([listing])):
+                pass
+        assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    running = await start_broker(reflection="on", data_dir=tmp_path / "reflecting")
     async with grpc.aio.insecure_channel(running.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         reply = await health.Check(

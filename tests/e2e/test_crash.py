@@ -24,18 +24,17 @@ import grpc
 from broker.core.lifecycle import TERMINAL
 from broker.sdk.client import BrokerClient, BrokerRpcError
 from broker.sdk.vehicle import VehicleAgent
-from broker.security.auth import issue_token
 from broker.testing import BrokerProcess
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
-from tests.conftest import SECRET, eventually
+from tests.conftest import eventually, session_keys
 
 # -- helpers ------------------------------------------------------------------------------------
 
 
 def service_client(target: str) -> BrokerClient:
     return BrokerClient(
-        target, token=issue_token(SECRET, service="crash-test", scopes=["send", "read"])
+        target, token=session_keys().service_token("send", "read", name="crash-test")
     )
 
 
@@ -49,7 +48,7 @@ class Cars:
             vid: VehicleAgent(
                 target,
                 vid,
-                token=issue_token(SECRET, vehicle=vid),
+                token=session_keys().vehicle_token(vid),
                 channel=self.channel,
                 handlers={n: self._handler(vid) for n in names},
                 backoff_base_s=0.05,
@@ -269,7 +268,7 @@ async def test_commands_delivered_but_unacked_at_kill_9_are_resent_with_next_att
                 "/broker.v1.VehicleLink/Connect",
                 request_serializer=link.VehicleFrame.SerializeToString,
                 response_deserializer=link.BrokerFrame.FromString,
-            )(metadata=[("authorization", f"Bearer {issue_token(SECRET, vehicle=vehicle_id)}")])
+            )(metadata=[("authorization", f"Bearer {session_keys().vehicle_token(vehicle_id)}")])
             streams.append(stream)
             await stream.write(link.VehicleFrame(hello=link.Hello(firmware="raw")))
             assert (await asyncio.wait_for(stream.read(), 5)).HasField("welcome")

@@ -22,11 +22,10 @@ from broker.core import clock
 from broker.core.errors import StoreUnavailable
 from broker.sdk.client import BrokerClient, BrokerRpcError
 from broker.sdk.vehicle import succeed
-from broker.security.auth import issue_token
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 from broker.wire import pushback_ms
-from tests.conftest import SECRET, eventually
+from tests.conftest import eventually, session_keys
 from tests.e2e.harness import Running, status_reached
 
 #: unlock with a 3 s result timeout, so a stale deadline would show within the test
@@ -43,7 +42,7 @@ class RawCar:
 
     def __init__(self, target: str, vehicle_id: str) -> None:
         self.channel = grpc.aio.insecure_channel(target)
-        token = issue_token(SECRET, vehicle=vehicle_id)
+        token = session_keys().vehicle_token(vehicle_id)
         self.call: Any = self.channel.stream_stream(
             "/broker.v1.VehicleLink/Connect",
             request_serializer=link.VehicleFrame.SerializeToString,

@@ -10,10 +10,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.sdk.client import BrokerClient
-from broker.security.auth import issue_token
 from broker.testing import BrokerProcess
 from broker.v1 import types_pb2 as t
-from tests.conftest import SECRET, eventually
+from tests.conftest import eventually, session_keys
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -23,7 +22,7 @@ async def test_sigterm_shows_not_serving_first_then_drains_and_exits_early(
     spawn: Callable[..., BrokerProcess],
 ) -> None:
     broker = spawn(env={"BROKER_DRAIN_DELAY_S": "3", "BROKER_GRACE_S": "20"})
-    token = issue_token(SECRET, service="ops", scopes=("send", "read"))
+    token = session_keys().service_token("send", "read", name="ops")
     async with (
         grpc.aio.insecure_channel(broker.target) as channel,
         BrokerClient(broker.target, token=token, max_retries=0) as client,
@@ -58,7 +57,7 @@ async def test_sdk_retries_through_a_kill_9_and_never_duplicates_a_command(
     spawn: Callable[..., BrokerProcess],
 ) -> None:
     broker = spawn(env={"BROKER_CRITICAL_PER_MINUTE": "100000"})
-    token = issue_token(SECRET, service="app", scopes=("send", "read"))
+    token = session_keys().service_token("send", "read", name="app")
     sends = 60
     async with BrokerClient(
         broker.target, token=token, timeout_s=60, reconnect_wait_s=45

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -1320,6 +1321,30 @@ async def test_a_second_broker_cannot_open_the_same_folder(tmp_path: Path) -> No
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(StoreUnavailable, match="data folder"):
         LmdbStore(tmp_path / "file")
+
+
+async def test_the_data_folder_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    """0700 folder, 0600 files under umask 022, and a folder written looser (an older
+    version, another umask) is tightened on open: no other user reads an unlock payload
+    or takes the folder lock."""
+    old_umask = os.umask(0o022)
+    try:
+        store = LmdbStore(tmp_path / "data")
+        store.start(asyncio.get_running_loop())
+        await store.create([NewCommand("car-1", "unlock", b'{"pin":"4711"}', t.CRITICAL, 60_000)],
+                           online=(), now_ms=clock.now_ms())  # fmt: skip
+        await store.close()
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "data").iterdir()}
+        assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
+        assert modes == {"data.mdb": 0o600, "lock.mdb": 0o600, "broker.lock": 0o600}
+        (tmp_path / "data").chmod(0o755)
+        for name in modes:
+            (tmp_path / "data" / name).chmod(0o644)
+        LmdbStore(tmp_path / "data")._lock_file.close()
+        assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
+        assert {p.stat().st_mode & 0o777 for p in (tmp_path / "data").iterdir()} == {0o600}
+    finally:
+        os.umask(old_umask)
 
 
 # -- LMDB only: the payload table and timer keys -----------------------------------------------
