@@ -110,7 +110,7 @@ def canned_reply() -> bytes:
         updated_at_ms=now,
         expires_at_ms=now + 3_600_000,
         seq=1 << 20,
-        idempotency_scope="dev",
+        sender="dev",
     )
     return bytes(svc.SendCommandResponse(command=command).SerializeToString())
 

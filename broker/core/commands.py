@@ -148,7 +148,7 @@ class Commands:
             lane=lane,
             ttl_ms=ttl_ms,
             idempotency_key=request.idempotency_key,
-            idempotency_scope=caller.name,
+            sender=caller.name,
             coalesce_key=request.coalesce_key,
             commit_by_s=commit_by_s,
         )

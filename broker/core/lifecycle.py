@@ -91,6 +91,17 @@ def repeats(earlier: t.Command, item: NewCommand, *, now_ms: int, window_ms: int
     return True
 
 
+def resends(existing: t.Command | None, item: NewCommand) -> bool:
+    """Whether `item`, a command whose sender chose (and signed) its id, is a resend of
+    `existing`, the command already stored under that id: then the sender gets
+    `existing` back. Conflict if the id is taken by anything else."""
+    if existing is None:
+        return False
+    if existing.sender == item.sender and item.signed == existing.signed:
+        return True
+    raise Conflict(f"command id {item.command_id!r} is already taken")
+
+
 def new_record(
     item: NewCommand,
     *,
@@ -112,12 +123,14 @@ def new_record(
         status=t.ACCEPTED if online else t.QUEUED,
         created_at_ms=now_ms,
         updated_at_ms=now_ms,
-        expires_at_ms=now_ms + item.ttl_ms,
+        expires_at_ms=item.expires_at_ms or now_ms + item.ttl_ms,
         idempotency_key=item.idempotency_key,
-        idempotency_scope=item.idempotency_scope,
+        sender=item.sender,
         coalesce_key=item.coalesce_key,
         seq=seq,
     )
+    if item.signed is not None:
+        command.signed.CopyFrom(item.signed)
     if result_timeout_ms is not None:
         command.status = t.DELIVERED
         command.attempt = 1

@@ -30,11 +30,18 @@ class NewCommand(NamedTuple):
     lane: int
     ttl_ms: int
     idempotency_key: str = ""
-    idempotency_scope: str = ""  # the caller: one caller's keys never match another's
+    #: the caller, who owns the command: its idempotency and coalesce keys never match
+    #: another sender's
+    sender: str = ""
     coalesce_key: str = ""
     #: monotonic time (time.monotonic()) after which it must not be written: its
     #: sender has given up, or it waited longer than a critical command may; 0 = none
     commit_by_s: float = 0.0
+    #: a command signed end to end: its envelope (kept verbatim), and the command id and
+    #: absolute expiry the sender chose and signed (they replace a new id and `ttl_ms`)
+    signed: t.SignedCommand | None = None
+    command_id: str = ""
+    expires_at_ms: int = 0
 
 
 class Created(NamedTuple):
@@ -188,8 +195,10 @@ class Store(Protocol):
     def get(self, command_id: str) -> asyncio.Future[t.Command]:
         """A command; NotFound if there is none (never created, or purged)."""
 
-    def list_vehicle(self, vehicle_id: str, *, limit: int) -> asyncio.Future[list[t.Command]]:
-        """A vehicle's commands, newest first."""
+    def list_vehicle(
+        self, vehicle_id: str, *, limit: int, sender: str | None = None
+    ) -> asyncio.Future[list[t.Command]]:
+        """A vehicle's commands (only those `sender` sent, if given), newest first."""
 
     # -- vehicle state -------------------------------------------------------------------
 

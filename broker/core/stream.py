@@ -88,6 +88,7 @@ def command_frame(out: CommandOut, attempt: int) -> link.BrokerFrame:
             attempt=attempt,
             expires_at_ms=command.expires_at_ms,
             issued_at_ms=command.created_at_ms,
+            signed=command.signed if command.HasField("signed") else None,
         )
     )
 

@@ -14,7 +14,8 @@ Databases (all keys sort bytewise):
 - `by_vehicle` vehicle_id 0x00 seq -> command_id          (ListCommands, newest first)
 - `timers`     at_ms command_id -> ""                     (every command's next deadline)
 - `idem`       scope 0x00 idempotency_key -> command_id (scope: the calling principal)
-- `coalesce`   vehicle_id 0x00 coalesce_key -> command_id (the newest holder of the key)
+- `coalesce`   vehicle_id 0x00 sender 0x00 coalesce_key -> command_id (the newest holder of
+               the sender's key)
 - `pending`    vehicle_id 0x00 (255-lane) seq -> command_id (non-terminal commands only,
                in dispatch order: what a car gets when it connects)
 - `states`     vehicle_id -> VehicleState (last known fields)
@@ -73,7 +74,8 @@ _SCHEMA_KEY = b"schema"
 #: 2: the `pending` index exists (a folder written before it gets it built on open);
 #: 3: payloads over INLINE_PAYLOAD_MAX live in `payloads` (a version before 3 would read
 #: those commands with empty payloads: rolling back past it is not possible)
-_SCHEMA = 3
+#: 4: coalesce keys are scoped by sender (`_coalesce_key`)
+_SCHEMA = 4
 #: payloads larger than this live in `payloads`, written once (see the module docstring)
 INLINE_PAYLOAD_MAX = 512
 #: how often (at most) the room left in the map and on the disk is measured
@@ -123,6 +125,11 @@ DATA_FILES = ("data.mdb", "lock.mdb")
 
 def _pending_key(command: t.Command) -> bytes:
     return codec.pending_key(command.vehicle_id, command.lane, command.seq)
+
+
+def _coalesce_key(command: t.Command | NewCommand) -> bytes:
+    """Coalesce keys are the sender's own: another's never supersedes its command."""
+    return codec.coalesce_key(command.vehicle_id, f"{command.sender}\x00{command.coalesce_key}")
 
 
 def _idem_key(scope: str, key: str) -> bytes:
@@ -373,10 +380,21 @@ class LmdbStore(StoreInterface):
                 )
             if schema < 2:
                 self._build_pending_index(txn)
+            if schema < 4:
+                self._scope_coalesce_keys(txn)
             if schema < _SCHEMA:
                 txn.put(_SCHEMA_KEY, _SCHEMA.to_bytes(2, "big"), db=self._meta)
             self._pending_count = int(txn.stat(self._pending)["entries"])
         return raw_seq
+
+    def _scope_coalesce_keys(self, txn: Any) -> None:
+        """Schema 3 -> 4: coalesce keys move under their sender (once, on the first open)."""
+        entries = list(txn.cursor(db=self._coalesce))
+        for key, command_id in entries:
+            txn.delete(key, db=self._coalesce)
+            command = self._load(txn, bytes(command_id).decode(), with_payload=False)
+            if command is not None and command.coalesce_key:
+                txn.put(_coalesce_key(command), command_id, db=self._coalesce)
 
     def _build_pending_index(self, txn: Any) -> None:
         """Schema 1 -> 2: index every non-terminal command (once, on the first open)."""
@@ -435,9 +453,13 @@ class LmdbStore(StoreInterface):
         result_timeout_ms: int | None = None,
     ) -> Created:
         lifecycle.check_commit_by(item)
+        if item.command_id:
+            existing = self._load(txn, item.command_id)
+            if lifecycle.resends(existing, item):
+                return Created(existing, True, ())  # type: ignore[arg-type]
         if item.idempotency_key:
             earlier_id = txn.get(
-                _idem_key(item.idempotency_scope, item.idempotency_key), db=self._idem
+                _idem_key(item.sender, item.idempotency_key), db=self._idem
             )
             if earlier_id is not None:
                 earlier = self._load(txn, earlier_id.decode())
@@ -449,7 +471,7 @@ class LmdbStore(StoreInterface):
         self._seq += 1
         command = lifecycle.new_record(
             item,
-            command_id=new_command_id(now_ms),
+            command_id=item.command_id or new_command_id(now_ms),
             seq=self._seq,
             online=online,
             now_ms=now_ms,
@@ -457,7 +479,7 @@ class LmdbStore(StoreInterface):
         )
         superseded: tuple[t.Command, ...] = ()
         if item.coalesce_key:
-            ckey = codec.coalesce_key(item.vehicle_id, item.coalesce_key)
+            ckey = _coalesce_key(item)
             older_id = txn.get(ckey, db=self._coalesce)
             if older_id is not None:
                 supersede = partial(lifecycle.supersede, by=command.command_id, now_ms=now_ms)
@@ -466,7 +488,7 @@ class LmdbStore(StoreInterface):
             txn.put(ckey, command.command_id.encode(), db=self._coalesce)
         if item.idempotency_key:
             txn.put(
-                _idem_key(item.idempotency_scope, item.idempotency_key),
+                _idem_key(item.sender, item.idempotency_key),
                 command.command_id.encode(),
                 db=self._idem,
             )
@@ -727,8 +749,10 @@ class LmdbStore(StoreInterface):
 
         return self._writer.submit(op)
 
-    def list_vehicle(self, vehicle_id: str, *, limit: int) -> asyncio.Future[list[t.Command]]:
-        """A vehicle's commands, newest first."""
+    def list_vehicle(
+        self, vehicle_id: str, *, limit: int, sender: str | None = None
+    ) -> asyncio.Future[list[t.Command]]:
+        """A vehicle's commands (only `sender`'s, if given), newest first."""
         prefix = codec.vehicle_prefix(vehicle_id)
         after = prefix[:-1] + b"\x01"
 
@@ -741,7 +765,7 @@ class LmdbStore(StoreInterface):
                     if not key.startswith(prefix):
                         break
                     command = self._load(txn, value.decode())
-                    if command is not None:
+                    if command is not None and sender in (None, command.sender):
                         out.append(command)
                     positioned = cursor.prev()
             return out
@@ -833,7 +857,7 @@ class LmdbStore(StoreInterface):
 
     def _release_idempotency_key(self, txn: Any, command: t.Command) -> None:
         if command.idempotency_key:
-            key = _idem_key(command.idempotency_scope, command.idempotency_key)
+            key = _idem_key(command.sender, command.idempotency_key)
             if txn.get(key, db=self._idem) == command.command_id.encode():
                 txn.delete(key, db=self._idem)
 
@@ -844,7 +868,7 @@ class LmdbStore(StoreInterface):
         txn.delete(codec.vehicle_key(command.vehicle_id, command.seq), db=self._by_vehicle)
         self._release_idempotency_key(txn, command)
         if command.coalesce_key:
-            key = codec.coalesce_key(command.vehicle_id, command.coalesce_key)
+            key = _coalesce_key(command)
             if txn.get(key, db=self._coalesce) == command_id:
                 txn.delete(key, db=self._coalesce)
         txn.delete(command_id, db=self._commands)

@@ -45,7 +45,7 @@ class MemoryStore(StoreInterface):
         #: (idempotency scope, idempotency key) -> the command it names
         self._idem: dict[tuple[str, str], str] = {}
         #: (vehicle_id, coalesce key) -> the newest command holding it
-        self._coalesce: dict[tuple[str, str], str] = {}
+        self._coalesce: dict[tuple[str, str, str], str] = {}
         self._states: dict[str, bytes] = {}
         self._seq = 0
         self._clock_reference = (0, 0, "")
@@ -112,7 +112,11 @@ class MemoryStore(StoreInterface):
         self, item: NewCommand, online: bool, now_ms: int, result_timeout_ms: int | None
     ) -> Created:
         lifecycle.check_commit_by(item)
-        idem = (item.idempotency_scope, item.idempotency_key)
+        if item.command_id:
+            existing = self._commands.get(item.command_id)
+            if lifecycle.resends(existing, item):
+                return Created(_copy(existing), True, ())  # type: ignore[arg-type]
+        idem = (item.sender, item.idempotency_key)
         if item.idempotency_key:
             earlier = self._commands.get(self._idem.get(idem, ""))
             window_ms = self._idempotency_window_ms
@@ -123,7 +127,7 @@ class MemoryStore(StoreInterface):
         self._seq += 1
         command = lifecycle.new_record(
             item,
-            command_id=new_command_id(now_ms),
+            command_id=item.command_id or new_command_id(now_ms),
             seq=self._seq,
             online=online,
             now_ms=now_ms,
@@ -131,7 +135,7 @@ class MemoryStore(StoreInterface):
         )
         superseded: tuple[t.Command, ...] = ()
         if item.coalesce_key:
-            coalesce = (item.vehicle_id, item.coalesce_key)
+            coalesce = (item.vehicle_id, item.sender, item.coalesce_key)
             supersede = partial(lifecycle.supersede, by=command.command_id, now_ms=now_ms)
             older = self._change(self._coalesce.get(coalesce, ""), supersede)
             superseded = () if older is None else (older,)
@@ -248,9 +252,15 @@ class MemoryStore(StoreInterface):
     def get(self, command_id: str) -> asyncio.Future[t.Command]:
         return self._submit(lambda: _copy(self._found(command_id)))
 
-    def list_vehicle(self, vehicle_id: str, *, limit: int) -> asyncio.Future[list[t.Command]]:
+    def list_vehicle(
+        self, vehicle_id: str, *, limit: int, sender: str | None = None
+    ) -> asyncio.Future[list[t.Command]]:
         def op() -> list[t.Command]:
-            commands = [c for c in self._commands.values() if c.vehicle_id == vehicle_id]
+            commands = [
+                c
+                for c in self._commands.values()
+                if c.vehicle_id == vehicle_id and sender in (None, c.sender)
+            ]
             commands.sort(key=lambda c: -c.seq)
             return [_copy(c) for c in commands[:limit]]
 
@@ -325,7 +335,7 @@ class MemoryStore(StoreInterface):
             self._clock_reference = (stamp_ms, steady_ns, clock.BOOT_ID)
 
     def _release_idempotency_key(self, command: t.Command) -> None:
-        key = (command.idempotency_scope, command.idempotency_key)
+        key = (command.sender, command.idempotency_key)
         if command.idempotency_key and self._idem.get(key) == command.command_id:
             del self._idem[key]
 
@@ -333,7 +343,7 @@ class MemoryStore(StoreInterface):
         """Retention: drop a terminal command and every key that names it."""
         del self._commands[command.command_id]
         self._release_idempotency_key(command)
-        coalesce = (command.vehicle_id, command.coalesce_key)
+        coalesce = (command.vehicle_id, command.sender, command.coalesce_key)
         if command.coalesce_key and self._coalesce.get(coalesce) == command.command_id:
             del self._coalesce[coalesce]
 

@@ -88,7 +88,7 @@ def test_bad_requests_are_refused_with_what_is_wrong(
 def test_policy_fills_in_lane_and_ttl_and_scopes_keys_to_the_caller(tmp_path: Path) -> None:
     commands = Desk(tmp_path).commands
     unlock = commands.new_command(request(idempotency_key="k"), APP, 0.0)
-    assert (unlock.lane, unlock.ttl_ms, unlock.idempotency_scope) == (t.CRITICAL, 60_000, APP.name)
+    assert (unlock.lane, unlock.ttl_ms, unlock.sender) == (t.CRITICAL, 60_000, APP.name)
     assert unlock.commit_by_s > time.monotonic()  # critical: bounded wait for durability
     config = commands.new_command(request(name="config"), APP, 0.0)
     assert (config.lane, config.ttl_ms, config.commit_by_s) == (t.BULK, 86_400_000, 0.0)

@@ -59,6 +59,7 @@ def new(
     ttl_ms: int = 60_000,
     idempotency_key: str = "",
     coalesce_key: str = "",
+    sender: str = "",
 ) -> NewCommand:
     return NewCommand(
         vehicle_id=vehicle_id,
@@ -68,6 +69,7 @@ def new(
         ttl_ms=ttl_ms,
         idempotency_key=idempotency_key,
         coalesce_key=coalesce_key,
+        sender=sender,
     )
 
 
@@ -141,7 +143,10 @@ def _dump_memory(store: MemoryStore) -> Dump:
     out.timers = sorted((lifecycle.timer_at(c, store._retention_ms), cid) for cid, c in records)
     out.by_vehicle = {codec.vehicle_key(c.vehicle_id, c.seq): cid for cid, c in records}
     out.idem = {key: command_id for (_, key), command_id in store._idem.items()}
-    out.coalesce = {codec.coalesce_key(v, key): cid for (v, key), cid in store._coalesce.items()}
+    out.coalesce = {
+        codec.coalesce_key(v, f"{sender}\x00{key}"): cid
+        for (v, sender, key), cid in store._coalesce.items()
+    }
     out.pending = {
         codec.pending_key(c.vehicle_id, c.lane, c.seq): cid
         for cid, c in records
@@ -514,7 +519,7 @@ async def test_purge_keeps_index_entries_that_moved_to_a_newer_command(store: St
     assert await store.fire_timers(now_ms=T0 + 1 + RETENTION_MS) == ([], 1)
     state = await dump(store)
     assert list(state.commands) == [newer.command.command_id]
-    assert state.coalesce == {b"car-1\x00climate": newer.command.command_id}
+    assert state.coalesce == {b"car-1\x00\x00climate": newer.command.command_id}
 
 
 # -- idempotency -------------------------------------------------------------------------------
@@ -592,6 +597,50 @@ async def test_coalesce_supersedes_an_older_command_not_yet_sent(store: Store) -
     assert stored.status == t.SUPERSEDED
     assert stored.status_reason == f"superseded by {newer.command.command_id}"
     assert await status_of(store, other_car) == t.QUEUED
+
+
+async def test_coalesce_keys_are_the_senders_own(store: Store) -> None:
+    mine = await create_id(store, new(coalesce_key="door", sender="service:app"), now_ms=T0)
+    theirs = await create_one(store, new(coalesce_key="door", sender="service:rogue"), now_ms=T0)
+    assert theirs.superseded == ()
+    assert await status_of(store, mine) == t.QUEUED
+    again = await create_one(store, new(coalesce_key="door", sender="service:app"), now_ms=T0 + 1)
+    assert [c.command_id for c in again.superseded] == [mine]
+    assert await status_of(store, theirs.command.command_id) == t.QUEUED
+
+
+async def test_a_vehicle_listing_can_be_limited_to_one_sender(store: Store) -> None:
+    mine = [await create_id(store, new(sender="service:app"), now_ms=T0 + i) for i in range(3)]
+    await create_id(store, new(sender="service:other"), now_ms=T0 + 5)
+    listed = await store.list_vehicle("car-1", limit=2, sender="service:app")
+    assert [c.command_id for c in listed] == [mine[2], mine[1]]
+    assert len(await store.list_vehicle("car-1", limit=10)) == 4
+
+
+def signed_item(
+    command_id: str, *, signature: bytes = b"s", sender: str = "service:app"
+) -> NewCommand:
+    envelope = t.SignedCommand(body=b"body-" + command_id.encode(), signature=signature)
+    return new(sender=sender)._replace(
+        command_id=command_id, signed=envelope, expires_at_ms=T0 + 30_000
+    )
+
+
+async def test_a_signed_command_keeps_its_id_envelope_and_expiry(store: Store) -> None:
+    created = await create_one(store, signed_item("c0ffee"), now_ms=T0)
+    stored = await store.get("c0ffee")
+    assert created.command.command_id == "c0ffee" and not created.deduplicated
+    assert (stored.expires_at_ms, stored.signed) == (T0 + 30_000, signed_item("c0ffee").signed)
+
+
+async def test_a_resent_envelope_is_deduplicated_and_a_taken_id_conflicts(store: Store) -> None:
+    await create_one(store, signed_item("c0ffee"), now_ms=T0)
+    again = await create_one(store, signed_item("c0ffee"), now_ms=T0 + 1)
+    assert again.deduplicated and again.command.command_id == "c0ffee"
+    for other in (signed_item("c0ffee", signature=b"t"), signed_item("c0ffee", sender="x")):
+        (result,) = await store.create([other], online=(), now_ms=T0 + 2)
+        assert isinstance(result, Conflict)
+    assert store.pending == 1
 
 
 async def test_coalesce_leaves_a_delivered_command_alone(store: Store) -> None:
@@ -1116,7 +1165,7 @@ class StoreMachine(RuleBasedStateMachine):
         }
         assert state.pending_count == len(state.pending)
         assert state.coalesce == {
-            codec.coalesce_key(vehicle_id, key): cid
+            codec.coalesce_key(vehicle_id, f"\x00{key}"): cid  # one sender, ""
             for (vehicle_id, key), cid in self.coalesce.items()
         }
 
@@ -1307,6 +1356,26 @@ async def test_a_store_from_a_newer_layout_is_refused_and_released(
         txn.put(b"schema", (3).to_bytes(2, "big"), db=probe.open_db(b"meta", txn=txn))
     probe.close()
     LmdbStore(tmp_path / "db")._lock_file.close()
+
+
+async def test_coalesce_keys_of_an_older_folder_move_under_their_sender(
+    open_store: OpenStore,
+) -> None:
+    store = await open_store()
+    older = await create_id(store, new(coalesce_key="door", sender="service:app"), now_ms=T0)
+
+    def downgrade(txn: Any) -> None:  # schema 3: coalesce keys without the sender
+        txn.drop(store._coalesce, delete=False)
+        txn.put(codec.coalesce_key("car-1", "door"), older.encode(), db=store._coalesce)
+        txn.put(b"schema", (3).to_bytes(2, "big"), db=store._meta)
+
+    await store.writer.submit(downgrade)
+    store = await open_store()
+    newer = await create_one(store, new(coalesce_key="door", sender="service:app"), now_ms=T0 + 1)
+    assert [c.command_id for c in newer.superseded] == [older]
+    assert list((await dump(store)).coalesce) == [
+        codec.coalesce_key("car-1", "service:app\x00door")
+    ]
 
 
 async def test_a_second_broker_cannot_open_the_same_folder(tmp_path: Path) -> None:
