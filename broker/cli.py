@@ -223,7 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     who = issue.add_mutually_exclusive_group(required=True)
     who.add_argument("--vehicle")
     who.add_argument("--service")
-    issue.add_argument("--scopes", default="", help="comma-separated: send,read,admin")
+    issue.add_argument(
+        "--scopes", default="", help="comma-separated: send,read,read:fleet,audit,admin"
+    )
+    issue.add_argument(
+        "--vehicles",
+        default=None,
+        help="comma-separated vehicle ids or 'prefix*' patterns the service is limited to",
+    )
     issue.add_argument(
         "--ttl", type=_seconds(30 * 86400),
         help="seconds (default: 86400 for a vehicle, 3600 for a service; the broker refuses "
@@ -390,9 +397,15 @@ def _token(args: argparse.Namespace) -> int:
         return 0
     key = load_private_key(args.key_file)
     scopes = [s for s in args.scopes.split(",") if s]
+    vehicles = None if args.vehicles is None else [v for v in args.vehicles.split(",") if v]
     try:
         token = issue_token(
-            key, vehicle=args.vehicle, service=args.service, scopes=scopes, ttl_s=args.ttl
+            key,
+            vehicle=args.vehicle,
+            service=args.service,
+            scopes=scopes,
+            ttl_s=args.ttl,
+            vehicles=vehicles,
         )
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None

@@ -19,8 +19,11 @@ SERVICE = svc.DESCRIPTOR.services_by_name["CommandService"].full_name
 
 def caller(principal: Principal) -> Caller:
     return Caller(
-        name=f"{principal.kind}:{principal.name}",
-        may_raise_lane=principal.kind == "dev" or "admin" in principal.scopes,
+        name=principal.actor,
+        may_raise_lane=principal.has("admin"),
+        reads_fleet=principal.has("read:fleet"),
+        acts_fleet=principal.has("admin"),
+        vehicles=principal.vehicles,
     )
 
 
@@ -62,17 +65,19 @@ class CommandService:
     async def get_command(
         self, request: svc.GetCommandRequest, principal: Principal, deadline_s: float
     ) -> t.Command:
-        return await self._commands.get(request.command_id)
+        return await self._commands.get(request.command_id, caller(principal))
 
     async def cancel_command(
         self, request: svc.CancelCommandRequest, principal: Principal, deadline_s: float
     ) -> t.Command:
-        return await self._commands.cancel(request.command_id)
+        return await self._commands.cancel(request.command_id, caller(principal))
 
     async def list_commands(
         self, request: svc.ListCommandsRequest, principal: Principal, deadline_s: float
     ) -> svc.ListCommandsResponse:
-        commands = await self._commands.list_commands(request.vehicle_id, request.limit)
+        commands = await self._commands.list_commands(
+            request.vehicle_id, request.limit, caller(principal)
+        )
         return svc.ListCommandsResponse(commands=commands)
 
     async def watch_commands(
@@ -89,7 +94,7 @@ class CommandService:
         hold = self._auth.hold(principal, end)
         try:
             async for command in self._commands.watch(
-                list(request.vehicle_ids), list(request.command_ids), ended=ended
+                list(request.vehicle_ids), list(request.command_ids), caller(principal), ended=ended
             ):
                 yield command
         finally:
@@ -98,4 +103,4 @@ class CommandService:
     async def get_vehicle_state(
         self, request: svc.GetVehicleStateRequest, principal: Principal, deadline_s: float
     ) -> svc.VehicleState:
-        return await self._commands.vehicle_state(request.vehicle_id)
+        return await self._commands.vehicle_state(request.vehicle_id, caller(principal))

@@ -1,6 +1,12 @@
 """What CommandService does, without gRPC: validate a request, apply the command's
 policy (lane, TTL), admit it, make it durable, and wait for the status asked for.
 
+Who may do what: a command belongs to its sender (`Command.sender`). A caller sees,
+watches and cancels only its own commands unless it holds a fleet-wide scope
+(`Caller.reads_fleet`, `Caller.acts_fleet`); another sender's command answers NOT_FOUND,
+exactly as a command that does not exist, so ids cannot be probed. A caller limited to
+some vehicles (`Caller.vehicles`, a token's `vehicles` claim) can address no other.
+
 The servicer in broker/api/command_service.py parses the request, names the caller and
 maps errors; everything it answers comes from `Commands`.
 """
@@ -17,6 +23,7 @@ from typing import NamedTuple
 from broker.config import Config
 from broker.core import lanes
 from broker.core.admission import Admission, Overloaded
+from broker.core.clock import now_ms
 from broker.core.dispatch import Dispatcher
 from broker.core.errors import (
     BrokerError,
@@ -44,15 +51,52 @@ WATCH_FILTER_MAX = 10_000
 #: ListCommands' page size, by default and at most
 LIST_DEFAULT = 100
 LIST_MAX = 1000
+#: how far in the future a signed command's issued-at may be (the sender's clock ahead)
+SIGNED_CLOCK_SKEW_MS = 60_000
 
 
 class Caller(NamedTuple):
-    """Who sends, as the domain needs to know it."""
+    """Who calls, as the domain needs to know it."""
 
-    #: idempotency keys are scoped to it: one caller's keys never match another's
+    #: it owns the commands it sends; its idempotency and coalesce keys never match
+    #: another caller's
     name: str
     #: may ask for a higher lane than the command's own (admin or dev)
     may_raise_lane: bool = False
+    #: reads and watches every sender's commands (read:fleet, admin or dev)
+    reads_fleet: bool = False
+    #: cancels every sender's commands (admin or dev)
+    acts_fleet: bool = False
+    #: the vehicles it may address: exact ids or prefixes ending in `*`; None: all
+    vehicles: tuple[str, ...] | None = None
+
+    def may_address(self, vehicle_id: str) -> bool:
+        if self.vehicles is None:
+            return True
+        return any(
+            vehicle_id.startswith(p[:-1]) if p.endswith("*") else vehicle_id == p
+            for p in self.vehicles
+        )
+
+    def check_vehicle(self, vehicle_id: str) -> None:
+        if not self.may_address(vehicle_id):
+            raise PermissionDenied(f"{self.name} may not address vehicle {vehicle_id!r}")
+
+    def sees(self, command: t.Command) -> bool:
+        """Whether it may read or watch `command`."""
+        return (self.reads_fleet or command.sender == self.name) and self.may_address(
+            command.vehicle_id
+        )
+
+    def may_cancel(self, command: t.Command) -> bool:
+        return (self.acts_fleet or command.sender == self.name) and self.may_address(
+            command.vehicle_id
+        )
+
+
+def hidden(command_id: str) -> NotFound:
+    """Another sender's command looks exactly like one that does not exist."""
+    return NotFound(f"no command {command_id[:80]!r}")
 
 
 def check_id(what: str, value: str) -> str:
@@ -67,8 +111,29 @@ def check_command_id(command_id: str) -> str:
     if not command_id or len(command_id) > 64:
         raise InvalidArgument("command_id must be 1-64 characters")
     if not ID_PATTERN.fullmatch(command_id):
-        raise NotFound(f"no command {command_id[:80]!r}")
+        raise hidden(command_id)
     return command_id
+
+
+def signed_body(request: svc.SendCommandRequest) -> t.CommandBody:
+    """The body of a signed request, which replaces the request's own fields. The
+    broker does not check the signature (it holds no sender key: the car does); it checks
+    that the request says nothing the body does not."""
+    envelope = request.signed
+    try:
+        body = t.CommandBody.FromString(envelope.body)
+    except Exception:  # protobuf's DecodeError, or worse for hostile bytes
+        raise InvalidArgument("signed.body is not a CommandBody") from None
+    if not envelope.signature or not body.key_id:
+        raise InvalidArgument("a signed command needs signed.signature and body.key_id")
+    for what in ("vehicle_id", "name", "payload"):
+        value = getattr(request, what)
+        if value and value != getattr(body, what):
+            raise InvalidArgument(f"{what} differs from the signed body's (leave it empty)")
+    if request.ttl_ms:
+        raise InvalidArgument("ttl_ms must be 0 for a signed command: its expiry is signed")
+    check_id("signed command_id", body.command_id)
+    return body
 
 
 class Commands:
@@ -100,21 +165,28 @@ class Commands:
         `deadline_s` is the caller's deadline on the monotonic clock (0: none).
         """
         config = self._config
-        check_id("vehicle_id", request.vehicle_id)
-        if not NAME_PATTERN.fullmatch(request.name):
+        body = signed_body(request) if request.HasField("signed") else None
+        vehicle_id, name, payload = (
+            (request.vehicle_id, request.name, request.payload)
+            if body is None
+            else (body.vehicle_id, body.name, body.payload)
+        )
+        check_id("vehicle_id", vehicle_id)
+        caller.check_vehicle(vehicle_id)
+        if not NAME_PATTERN.fullmatch(name):
             raise InvalidArgument(
                 f"name must be 1-64 characters of a-z, 0-9 and _.- starting with a letter "
-                f"(got {request.name[:80]!r})"
+                f"(got {name[:80]!r})"
             )
-        if len(request.payload) > config.max_payload_bytes:
+        if len(payload) > config.max_payload_bytes:
             raise InvalidArgument(
-                f"payload is {len(request.payload)} bytes; the limit is {config.max_payload_bytes}"
+                f"payload is {len(payload)} bytes; the limit is {config.max_payload_bytes}"
             )
         for what, key in (("idempotency_key", request.idempotency_key),
                           ("coalesce_key", request.coalesce_key)):  # fmt: skip
             if len(key.encode()) > KEY_MAX:
                 raise InvalidArgument(f"{what} is longer than {KEY_MAX} bytes")
-        policy = config.policy(request.name)
+        policy = config.policy(name)
         lane: int = request.lane
         if lane == t.LANE_UNSPECIFIED:
             lane = policy.lane
@@ -123,11 +195,18 @@ class Commands:
             raise InvalidArgument(f"unknown lane {lane}; use {', '.join(others)} or {last}")
         elif lane > policy.lane and not caller.may_raise_lane:
             raise PermissionDenied(
-                f"{request.name!r} runs on the {lanes.wire_name(policy.lane)} lane; raising it "
+                f"{name!r} runs on the {lanes.wire_name(policy.lane)} lane; raising it "
                 f"to {lanes.wire_name(lane)} needs the admin scope"
             )
         max_ttl_s = config.ttl_limit_s(lane)
         ttl_ms = request.ttl_ms or int(min(policy.ttl_s, max_ttl_s) * 1000)
+        if body is not None:  # the sender signed its expiry
+            now = now_ms()
+            ttl_ms = body.expires_at_ms - now
+            if ttl_ms <= 0:
+                raise InvalidArgument("the signed command has expired")
+            if body.issued_at_ms > now + SIGNED_CLOCK_SKEW_MS:
+                raise InvalidArgument("the signed command was issued in the future")
         if ttl_ms > max_ttl_s * 1000:
             raise InvalidArgument(
                 f"ttl of {ttl_ms / 1000:g}s is above the {max_ttl_s:g}s allowed on the "
@@ -142,15 +221,18 @@ class Commands:
         if commit_by_s and commit_by_s <= time.monotonic():
             raise DeadlineExceeded("the call's deadline leaves no time to make it durable")
         return NewCommand(
-            vehicle_id=request.vehicle_id,
-            name=request.name,
-            payload=request.payload,
+            vehicle_id=vehicle_id,
+            name=name,
+            payload=payload,
             lane=lane,
             ttl_ms=ttl_ms,
             idempotency_key=request.idempotency_key,
             sender=caller.name,
             coalesce_key=request.coalesce_key,
             commit_by_s=commit_by_s,
+            signed=None if body is None else request.signed,
+            command_id="" if body is None else body.command_id,
+            expires_at_ms=0 if body is None else body.expires_at_ms,
         )
 
     async def send(
@@ -266,40 +348,64 @@ class Commands:
     # Reads are admitted like commands (polling floods are shed before they can delay
     # an unlock's durable write): single reads on the interactive lane, listings on bulk.
 
-    async def get(self, command_id: str) -> t.Command:
+    async def get(self, command_id: str, caller: Caller) -> t.Command:
         command_id = check_command_id(command_id)
         async with self._admission.slot(lanes.INTERACTIVE):
-            return await self._store.get(command_id)
+            command = await self._store.get(command_id)
+        if not caller.sees(command):
+            raise hidden(command_id)
+        return command
 
-    async def cancel(self, command_id: str) -> t.Command:
-        return await self._dispatcher.cancel(check_command_id(command_id))
+    async def cancel(self, command_id: str, caller: Caller) -> t.Command:
+        command_id = check_command_id(command_id)
+        if not caller.acts_fleet:  # look first: never cancel another sender's command
+            async with self._admission.slot(lanes.INTERACTIVE):
+                command = await self._store.get(command_id)
+            if not caller.may_cancel(command):
+                raise hidden(command_id)
+        return await self._dispatcher.cancel(command_id)
 
-    async def list_commands(self, vehicle_id: str, limit: int) -> list[t.Command]:
+    async def list_commands(self, vehicle_id: str, limit: int, caller: Caller) -> list[t.Command]:
         check_id("vehicle_id", vehicle_id)
+        caller.check_vehicle(vehicle_id)
         limit = limit or LIST_DEFAULT
         if limit > LIST_MAX:
             raise InvalidArgument(f"limit is at most {LIST_MAX}")
+        sender = None if caller.reads_fleet else caller.name
         async with self._admission.slot(lanes.BULK):
-            return await self._store.list_vehicle(vehicle_id, limit=limit)
+            return await self._store.list_vehicle(vehicle_id, limit=limit, sender=sender)
 
     async def watch(
         self,
         vehicle_ids: list[str],
         command_ids: list[str],
+        caller: Caller,
         *,
         ended: asyncio.Future[BrokerError] | None = None,
     ) -> AsyncIterator[t.Command]:
-        """Status changes (`EventHub.watch`; `ended` ends the stream with its error)."""
+        """Status changes of the commands `caller` may see (`EventHub.watch`; `ended`
+        ends the stream with its error). A watch of the whole fleet (no filter) needs a
+        fleet-wide scope."""
         for vehicle_id in vehicle_ids:
             check_id("vehicle_ids", vehicle_id)
+            caller.check_vehicle(vehicle_id)
         if len(vehicle_ids) + len(command_ids) > WATCH_FILTER_MAX:
             raise InvalidArgument(
                 f"watch at most {WATCH_FILTER_MAX} vehicles and commands in one stream"
             )
-        async for command in self._events.watch(vehicle_ids, command_ids, ended=ended):
+        if not vehicle_ids and not command_ids and not caller.reads_fleet:
+            raise PermissionDenied(
+                f"{caller.name} may watch its own vehicles or commands only; a watch of "
+                "the whole fleet needs the read:fleet scope"
+            )
+        visible = None if caller.reads_fleet and caller.vehicles is None else caller.sees
+        async for command in self._events.watch(
+            vehicle_ids, command_ids, visible=visible, ended=ended
+        ):
             yield command
 
-    async def vehicle_state(self, vehicle_id: str) -> svc.VehicleState:
+    async def vehicle_state(self, vehicle_id: str, caller: Caller) -> svc.VehicleState:
         check_id("vehicle_id", vehicle_id)
+        caller.check_vehicle(vehicle_id)
         async with self._admission.slot(lanes.INTERACTIVE):
             return await self._states.get(vehicle_id)

@@ -12,9 +12,16 @@ Predicate = Callable[[t.Command], bool]
 
 
 class _Watcher:
-    def __init__(self, vehicle_ids: Collection[str], command_ids: Collection[str], depth: int):
+    def __init__(
+        self,
+        vehicle_ids: Collection[str],
+        command_ids: Collection[str],
+        depth: int,
+        visible: Predicate | None = None,
+    ):
         self.vehicle_ids = frozenset(vehicle_ids)
         self.command_ids = frozenset(command_ids)
+        self.visible = visible
         self.queue: asyncio.Queue[t.Command | None] = asyncio.Queue(maxsize=depth)
         self.overflowed = False
         #: set when the stream must end (shutdown), after what is queued
@@ -23,6 +30,8 @@ class _Watcher:
         self.ended: BrokerError | None = None
 
     def wants(self, command: t.Command) -> bool:
+        if self.visible is not None and not self.visible(command):
+            return False
         if not self.vehicle_ids and not self.command_ids:
             return True
         return command.vehicle_id in self.vehicle_ids or command.command_id in self.command_ids
@@ -107,14 +116,16 @@ class EventHub:
         vehicle_ids: Collection[str],
         command_ids: Collection[str],
         *,
+        visible: Predicate | None = None,
         ended: asyncio.Future[BrokerError] | None = None,
     ) -> AsyncIterator[t.Command]:
-        """Changes matching the filters (all, if both are empty) until the caller stops,
-        or until `ended` is set: then the stream ends at once with that error (its
-        caller's credential expired or was revoked), whatever is still queued."""
+        """Changes matching the filters (all, if both are empty) and `visible` (the
+        caller may see them) until the caller stops, or until `ended` is set: then the
+        stream ends at once with that error (its caller's credential expired or was
+        revoked), whatever is still queued."""
         if self.draining:
             raise Unavailable("the broker is shutting down", retry_after_ms=retry_hint_ms())
-        watcher = _Watcher(vehicle_ids, command_ids, self._watcher_depth)
+        watcher = _Watcher(vehicle_ids, command_ids, self._watcher_depth, visible)
         self._watchers.add(watcher)
 
         def end(future: asyncio.Future[BrokerError]) -> None:

@@ -44,11 +44,24 @@ class Principal:
     expires_at: float = math.inf
     #: the token's id (`jti`), which revocation names; "" for a credential without one
     token_id: str = ""
+    #: the vehicle patterns (exact ids, or prefixes ending in `*`) a service is limited
+    #: to; None: every vehicle
+    vehicles: tuple[str, ...] | None = None
+
+    @property
+    def actor(self) -> str:
+        """The name commands, audit records and per-caller limits know it by."""
+        return f"{self.kind}:{self.name}"
+
+    def has(self, scope: str) -> bool:
+        if self.kind == "dev" or "admin" in self.scopes or scope in self.scopes:
+            return True
+        return scope == "read" and "read:fleet" in self.scopes  # fleet-wide includes its own
 
     def require(self, scope: str) -> None:
         if self.kind == "vehicle":  # whatever its claims say: a car credential is a car's
             raise PermissionDenied("a vehicle token cannot call the command service")
-        if self.kind == "dev" or "admin" in self.scopes or scope in self.scopes:
+        if self.has(scope):
             return
         raise PermissionDenied(f"token for service {self.name!r} lacks the {scope!r} scope")
 
@@ -108,7 +121,12 @@ class Authenticator:
         if claims.token_id in self.revocations:
             raise Unauthenticated(f"token {claims.token_id} is revoked")
         return Principal(
-            claims.kind, claims.subject, claims.scopes, claims.expires_at, claims.token_id
+            claims.kind,
+            claims.subject,
+            claims.scopes,
+            claims.expires_at,
+            claims.token_id,
+            claims.vehicles,
         )
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:

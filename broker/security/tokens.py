@@ -5,7 +5,9 @@ A token is `v2.<body>.<signature>`, both parts canonical unpadded base64url:
 * body = the signing key's id (8 raw bytes, `broker.security.keys.key_id`) followed by
   the claims as compact JSON: `sub` (vehicle id or service name), `kind` (`vehicle` or
   `service`), `scopes` (services only), `iat`, `exp` and optionally `nbf` (whole Unix
-  seconds), `jti` (the token id that revocation names);
+  seconds), `jti` (the token id that revocation names), and for a service optionally
+  `vehicles`: the vehicle ids it may command and read, each an exact id or a prefix
+  ending in `*` (absent: every vehicle);
 * signature = Ed25519 over the ASCII bytes `v2.<body>`.
 
 `check_token` decodes in this order, so nothing an attacker sends is parsed before a
@@ -38,7 +40,13 @@ from broker.core.errors import Unauthenticated
 from broker.security.keys import KEY_ID_BYTES, TrustedKey, key_id, load_private_key
 
 VERSION = "v2"
-SCOPES = frozenset({"send", "read", "admin"})
+#: send: send and cancel its own commands; read: read and watch its own commands and
+#: vehicle states; read:fleet: read and watch every sender's commands; audit: read the
+#: audit trail; admin: all of these, cancel any command, raise a command's lane
+SCOPES = frozenset({"send", "read", "read:fleet", "audit", "admin"})
+#: the longest `vehicles` list a token may carry
+MAX_VEHICLE_PATTERNS = 64
+_VEHICLE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}|[A-Za-z0-9_.:-]{0,63}\*")
 #: a token longer than this is refused before anything else is looked at
 MAX_TOKEN_CHARS = 4096
 SIGNATURE_BYTES = 64
@@ -48,7 +56,7 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 #: the largest time claim accepted (year 2286): keeps every time a small, exact integer
 _MAX_TIME = 10**10
 _MAX_NAME_CHARS = 256
-_CLAIM_NAMES = frozenset({"sub", "kind", "scopes", "iat", "nbf", "exp", "jti"})
+_CLAIM_NAMES = frozenset({"sub", "kind", "scopes", "iat", "nbf", "exp", "jti", "vehicles"})
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ class Claims:
     expires_at: int
     token_id: str
     key_id: str  # hex
+    #: the vehicle patterns a service token is limited to; None: every vehicle
+    vehicles: tuple[str, ...] | None = None
 
 
 def b64encode(data: bytes) -> str:
@@ -108,9 +118,11 @@ def issue_token(
     now: float | None = None,
     not_before: float | None = None,
     token_id: str | None = None,
+    vehicles: Iterable[str] | None = None,
 ) -> str:
-    """Sign a vehicle token (`vehicle=`) or a service token (`service=`, `scopes=`),
-    valid for `ttl_s` (default `DEFAULT_TTL_S` of its kind) from `now`."""
+    """Sign a vehicle token (`vehicle=`) or a service token (`service=`, `scopes=`,
+    optionally limited to `vehicles=` patterns), valid for `ttl_s` (default
+    `DEFAULT_TTL_S` of its kind) from `now`."""
     if (vehicle is None) == (service is None):
         raise ValueError("give exactly one of vehicle= or service=")
     kind = "vehicle" if vehicle is not None else "service"
@@ -134,6 +146,14 @@ def issue_token(
     }
     if kind == "service":
         claims["scopes"] = scope_list
+    if vehicles is not None:
+        patterns = sorted(set(vehicles))
+        if kind == "vehicle" or not 0 < len(patterns) <= MAX_VEHICLE_PATTERNS:
+            raise ValueError(f"vehicles= is 1-{MAX_VEHICLE_PATTERNS} patterns, services only")
+        bad = [p for p in patterns if not _VEHICLE_PATTERN.fullmatch(p)]
+        if bad:
+            raise ValueError(f"not a vehicle id or 'prefix*' pattern: {bad[0]!r}")
+        claims["vehicles"] = patterns
     if not_before is not None:
         claims["nbf"] = int(not_before)
     payload = key_id(key.public_key()) + json.dumps(
@@ -228,6 +248,17 @@ def _checked(
         )
     if kind == "vehicle" and scopes:
         raise Unauthenticated("malformed token claims: a vehicle token carries no scopes")
+    vehicles = claims.get("vehicles")
+    if vehicles is not None and (
+        kind == "vehicle"
+        or type(vehicles) is not list
+        or not 0 < len(vehicles) <= MAX_VEHICLE_PATTERNS
+        or not all(type(v) is str and _VEHICLE_PATTERN.fullmatch(v) for v in vehicles)
+    ):
+        raise Unauthenticated(
+            f"malformed token claims: 'vehicles' must be 1-{MAX_VEHICLE_PATTERNS} vehicle "
+            "ids or 'prefix*' patterns, in a service token"
+        )
     if kind != trusted.kind:
         raise Unauthenticated(
             f"a {kind} token signed by key {trusted.key_id.hex()}, which may sign "
@@ -253,7 +284,14 @@ def _checked(
             f"broker accepts for {kind} tokens"
         )
     return Claims(
-        subject, kind, frozenset(scopes), issued_at, expires_at, token_id, trusted.key_id.hex()
+        subject,
+        kind,
+        frozenset(scopes),
+        issued_at,
+        expires_at,
+        token_id,
+        trusted.key_id.hex(),
+        None if vehicles is None else tuple(vehicles),
     )
 
 
@@ -273,6 +311,7 @@ class TokenMinter:
         service: str | None = None,
         scopes: Iterable[str] = (),
         ttl_s: float | None = None,
+        vehicles: Iterable[str] | None = None,
     ) -> None:
         self._key = load_private_key(key) if isinstance(key, Path) else key
         self._claims: dict[str, Any] = {
@@ -280,6 +319,7 @@ class TokenMinter:
             "service": service,
             "scopes": tuple(scopes),
             "ttl_s": ttl_s,
+            "vehicles": None if vehicles is None else tuple(vehicles),
         }
         kind = "vehicle" if vehicle is not None else "service"
         self._ttl_s = DEFAULT_TTL_S[kind] if ttl_s is None else ttl_s

@@ -130,9 +130,9 @@ async def test_a_wait_ends_when_the_status_is_reached(desk: Desk) -> None:
         desk.commands.send(request(wait=svc.WAIT_RESULT, wait_timeout_ms=5000), APP, 0.0)
     )
     (command,) = await eventually(
-        lambda: desk.commands.list_commands("car-1", 0), what="the command to be listed"
+        lambda: desk.commands.list_commands("car-1", 0, APP), what="the command to be listed"
     )
-    await desk.commands.cancel(command.command_id)
+    await desk.commands.cancel(command.command_id, APP)
     reached = await asyncio.wait_for(waiting, 5)
     assert not reached.wait_timed_out
     assert reached.command.status == t.CANCELED
@@ -159,13 +159,13 @@ async def test_a_batch_answers_each_item_in_place(desk: Desk) -> None:
 
 async def test_reads_check_ids_before_asking_the_store(desk: Desk) -> None:
     with pytest.raises(InvalidArgument, match="command_id must be 1-64"):
-        await desk.commands.get("")
+        await desk.commands.get("", APP)
     with pytest.raises(NotFound, match="no command 'no such id'"):
-        await desk.commands.get("no such id")
+        await desk.commands.get("no such id", APP)
     with pytest.raises(NotFound):
-        await desk.commands.cancel("0123")
+        await desk.commands.cancel("0123", APP)
     with pytest.raises(InvalidArgument, match="limit is at most 1000"):
-        await desk.commands.list_commands("car-1", 1001)
+        await desk.commands.list_commands("car-1", 1001, APP)
     with pytest.raises(InvalidArgument, match="watch at most 10000"):
-        async for _ in desk.commands.watch(["car-1"] * 10_001, []):
+        async for _ in desk.commands.watch(["car-1"] * 10_001, [], APP):
             pass

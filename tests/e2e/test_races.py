@@ -53,7 +53,7 @@ async def test_a_canceled_command_never_reaches_the_car(running: Running) -> Non
 async def test_a_caller_cancelled_during_the_write_does_not_strand_its_command(
     running: Running,
 ) -> None:
-    item = NewCommand("race-strand", "climate", b"", t.INTERACTIVE, 60_000)
+    item = NewCommand("race-strand", "climate", b"", t.INTERACTIVE, 60_000, sender="service:tests")
     dispatcher = running.broker.dispatcher
     task = asyncio.create_task(dispatcher.submit([item]))
     await asyncio.sleep(0)  # the write is queued; the caller goes away before it commits

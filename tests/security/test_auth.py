@@ -96,6 +96,19 @@ def test_service_scopes() -> None:
         issue_token(CAR_KEY, vehicle="car-1", scopes=["read"])
 
 
+def test_fleet_scopes_and_vehicle_limits() -> None:
+    fleet = AUTH.authenticate(_md(issue_token(SERVICE_KEY, service="bi", scopes=["read:fleet"])))
+    assert fleet.has("read") and fleet.has("read:fleet") and not fleet.has("send")
+    assert (fleet.actor, fleet.vehicles) == ("service:bi", None)
+    token = issue_token(SERVICE_KEY, service="acme", scopes=["send"], vehicles=["acme-*", "d-1"])
+    assert AUTH.authenticate(_md(token)).vehicles == ("acme-*", "d-1")
+    for bad in ([], ["a b"], [f"x{i}" for i in range(65)]):
+        with pytest.raises(ValueError):
+            issue_token(SERVICE_KEY, service="acme", vehicles=bad)
+    with pytest.raises(ValueError, match="services only"):
+        issue_token(CAR_KEY, vehicle="car-1", vehicles=["car-1"])
+
+
 def test_short_default_lifetimes_and_an_id_in_every_token() -> None:
     car = AUTH.verify(issue_token(CAR_KEY, vehicle="car-1"))
     service = AUTH.verify(issue_token(SERVICE_KEY, service="app"))
@@ -214,6 +227,15 @@ _, _GOOD_BODY, _GOOD_SIG = GOOD.split(".")
         (_signed(_claims(exp=NOW - 1)), "expired"),
         (_signed(_claims(exp=NOW + 2 * 86400)), "longer than"),
         (_signed(_claims(kind="vehicle", sub="car-1"), CAR_KEY), "no scopes"),
+        (_signed(_claims(vehicles="acme-*")), "'vehicles'"),
+        (_signed(_claims(vehicles=[])), "'vehicles'"),
+        (_signed(_claims(vehicles=["acme *"])), "'vehicles'"),
+        (_signed(_claims(vehicles=["a*b"])), "'vehicles'"),
+        (_signed(_claims(vehicles=["x"] * 65)), "'vehicles'"),
+        (
+            _signed(_claims(kind="vehicle", sub="car-1", scopes=None, vehicles=["x"]), CAR_KEY),
+            "'vehicles'",
+        ),
     ],
 )
 def test_malformed_tokens_are_unauthenticated_with_a_clear_message(token: str, reason: str) -> None:
