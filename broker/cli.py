@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--coalesce-key", default="")
     send.add_argument("--wait", choices=sorted(WAIT_MODES), default="none")
     send.add_argument("--timeout", type=_seconds(_WIRE_MAX_S), help="seconds to wait (with --wait)")
+    send.add_argument("--sign-key", type=Path, help="sign the command end to end with this "
+                      "private key file (`broker keys command-keygen`); its expiry is --ttl "
+                      "(default 60 s) and cars that trust the key check it")  # fmt: skip
     _client_args(send)
 
     for name, helptext in (("status", "show one command"), ("cancel", "cancel a command")):
@@ -210,6 +213,42 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--vehicle-key", type=Path, help="mint each car's tokens with this "
                      "vehicle signing key file (default: $BROKER_VEHICLE_KEY; none against "
                      "--insecure-dev)")  # fmt: skip
+    sim.add_argument("--trust-key", action="append", default=[], metavar="FILE[:NAME,...]",
+                     help="cars accept commands signed by this public key file, for these "
+                     "command names only if given (repeatable)")  # fmt: skip
+    sim.add_argument("--require-signatures", nargs="?", const="*", metavar="NAME,...",
+                     help="cars refuse unsigned commands: all of them, or these names")  # fmt: skip
+
+    audit = sub.add_parser(
+        "audit",
+        help="read the audit trail (who did what, every refusal) from the data folder",
+        description="Reads <data>/audit/ directly (also while the broker runs; as the "
+        "broker's user): the matching lines, oldest first; `broker audit verify` checks "
+        "the files' hash chain.",
+    )
+    audit.add_argument("check", nargs="?", choices=["verify"], help="check the hash chain")
+    audit.add_argument("--data", type=Path, default=Path(os.environ.get("BROKER_DATA_DIR",
+                       "broker-data")), help="the data folder (default $BROKER_DATA_DIR, "
+                       "else ./broker-data)")  # fmt: skip
+    audit.add_argument("--actor", help="e.g. service:fleet-app, vehicle:car-1, peer:10.0.0.7; "
+                       "a trailing * matches a prefix")  # fmt: skip
+    audit.add_argument("--vehicle", help="vehicle id")
+    audit.add_argument("--command", help="command id")
+    audit.add_argument("--action", help="send, cancel, supersede, get, list, watch, state, deny")
+    audit.add_argument("--since", help="1h, 30m, 2d ago, or an ISO 8601 time (UTC unless it says)")
+    audit.add_argument("--until", help="as --since: lines before it")
+    audit.add_argument("--limit", type=_count, help="only the newest N matching lines")
+    audit.add_argument("--json", action="store_true", help="the stored JSON lines")
+
+    keys = sub.add_parser("keys", help="keys that sign commands end to end (not tokens)")
+    keys_sub = keys.add_subparsers(dest="keys_cmd", required=True)
+    command_keygen = keys_sub.add_parser(
+        "command-keygen",
+        help="a sender's Ed25519 key pair: NAME.private.pem (0600, for the sender only) and "
+        "NAME.public.pem (for the cars: vehicle-sim --trust-key)",
+    )
+    command_keygen.add_argument("--out", type=Path, required=True, help="folder (0700 if new)")
+    command_keygen.add_argument("--name", default="command", help="file name (default command)")
 
     token = sub.add_parser("token", help="signing keys and tokens")
     token_sub = token.add_subparsers(dest="token_cmd", required=True)
@@ -223,9 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     who = issue.add_mutually_exclusive_group(required=True)
     who.add_argument("--vehicle")
     who.add_argument("--service")
-    issue.add_argument(
-        "--scopes", default="", help="comma-separated: send,read,read:fleet,audit,admin"
-    )
+    issue.add_argument("--scopes", default="", help="comma-separated: send,read,read:fleet,admin")
     issue.add_argument(
         "--vehicles",
         default=None,
@@ -254,8 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.cmd == "token":
             return _token(args)
+        if args.cmd == "keys":
+            return _keys(args)
         if args.cmd == "certs":
             return _certs(args)
+        if args.cmd == "audit":
+            return _audit(args)
         if args.cmd == "vehicle-sim":
             return _run(lambda: _vehicle_sim(args))
         return _run(lambda: _client_command(args))
@@ -384,6 +425,51 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- audit ------------------------------------------------------------------------------------
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """Print the audit lines that match (exit 0), or verify the chain (exit 1 if broken)."""
+    import time
+
+    from broker.storage import audit_log
+
+    folder = args.data / "audit"
+    if not folder.is_dir():
+        raise InvalidArgument(f"no audit trail in {args.data} (no folder {folder})")
+    try:
+        if args.check == "verify":
+            report = audit_log.verify_audit(folder)
+            print("\n".join(report.describe()))
+            return 0 if report.ok else 1
+        now_ms = int(time.time() * 1000)
+        try:
+            since_ms = audit_log.parse_time(args.since, now_ms) if args.since else None
+            until_ms = audit_log.parse_time(args.until, now_ms) if args.until else None
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        filters = {
+            "actor": args.actor, "vehicle_id": args.vehicle, "command_id": args.command,
+            "action": args.action, "since_ms": since_ms, "until_ms": until_ms,
+        }  # fmt: skip
+        records = (
+            audit_log.read_audit(folder, limit=args.limit, **filters)
+            if args.limit
+            else audit_log.iter_audit(folder, **filters)
+        )
+        for record in records:
+            print(
+                json.dumps(record, separators=(",", ":"))  # the stored bytes
+                if args.json
+                else audit_log.format_record(record)
+            )
+    except BrokenPipeError:  # `broker audit | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {folder}: {exc.strerror or exc}") from None
+    return 0
+
+
 # -- token ------------------------------------------------------------------------------------
 
 
@@ -419,6 +505,17 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    """`command-keygen`: a key pair that signs commands (never given to the broker)."""
+    private_path, public_path = generate_key_pair(args.out, args.name)
+    kid = key_id(load_private_key(private_path).public_key()).hex()
+    print(
+        f"command key id {kid}: wrote {private_path} (the sender's: `broker send --sign-key`) "
+        f"and {public_path} (the cars': `vehicle-sim --trust-key`; not the broker's)"
+    )
+    return 0
+
+
 def _bearer_token(args: argparse.Namespace) -> str | None:
     """The client commands' token: --token-file, else $BROKER_TOKEN."""
     if args.token_file is None:
@@ -448,8 +545,14 @@ async def _client_command(args: argparse.Namespace) -> int:
     token = _bearer_token(args)
     # A person at a prompt wants to hear at once that the broker is not there.
     credentials = _credentials(args)
+    sign_key = getattr(args, "sign_key", None)
+    signer = None
+    if sign_key is not None:
+        from broker.security.signing import CommandSigner
+
+        signer = CommandSigner.from_file(sign_key)
     async with BrokerClient(
-        args.target, token=token, credentials=credentials, reconnect_wait_s=0
+        args.target, token=token, credentials=credentials, reconnect_wait_s=0, signer=signer
     ) as client:
         if args.cmd == "send":
             payload = None
@@ -524,7 +627,7 @@ async def _vehicle_sim(args: argparse.Namespace) -> int:
         args.target, [f"{args.id_prefix}{i}" for i in range(args.vehicles)],
         vehicle_key=vehicle_key, tls_ca=args.tls_ca, cert_dir=args.cert_dir,
         telemetry_hz=args.telemetry_hz, rng=random.Random(),
-        obey_policy=not args.ignore_policy,
+        obey_policy=not args.ignore_policy, verifier=_command_verifier(args),
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -559,6 +662,31 @@ async def _vehicle_sim(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _command_verifier(args: argparse.Namespace) -> Callable[[], Any] | None:
+    """Each simulated car's CommandVerifier, from --trust-key and --require-signatures
+    (None without either: cars run unsigned commands and do not check signed ones)."""
+    from broker.security.signing import CommandVerifier, trusted_key
+
+    if not args.trust_key and args.require_signatures is None:
+        return None
+    if not args.trust_key:
+        raise InvalidArgument("--require-signatures needs --trust-key (whose commands to run)")
+    trusted = {}
+    for spec in args.trust_key:
+        path, _, names = spec.partition(":")
+        kid, key = trusted_key(Path(path), [n for n in names.split(",") if n] if names else None)
+        trusted[kid] = key
+    required: bool | frozenset[str] = False
+    if args.require_signatures is not None:
+        listed = frozenset(n for n in args.require_signatures.split(",") if n)
+        required = True if args.require_signatures == "*" else listed
+
+    def make() -> CommandVerifier:
+        return CommandVerifier(trusted, require_signatures=required)
+
+    return make
 
 
 async def _until_stopped_or_refused(

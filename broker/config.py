@@ -14,6 +14,7 @@ from typing import Any
 
 from broker.core import lanes
 from broker.core.errors import InvalidArgument
+from broker.core.quotas import CallerPolicy
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,19 @@ class Config:
     #: new vehicle streams admitted per second (reconnect-storm control), and the burst
     new_streams_per_s: float = 2000
     new_streams_burst: float = 2000
+    #: new streams one car credential may open, per second and at once: a car that
+    #: reconnects in a loop is deferred on its own bucket (UNAVAILABLE with the wait for
+    #: its next token) before it can spend the fleet's. A car on a flapping link opens a
+    #: few streams a minute; 10 at once and one every 2 s never defer it
+    new_streams_per_vehicle_per_s: float = 0.5
+    new_streams_per_vehicle_burst: float = 10
+    #: commands of one connected car held in memory (queued, not yet on the wire); the rest
+    #: stay on disk and are loaded, in order, as these drain. A car that does not read
+    #: costs at most this many records (64 x 16 KiB payloads: 1 MiB), not its queue: 5,040
+    #: x 16 KiB to such a car grew the heap by 11.5 MB at 64 (a parked car's: 11.9 MB),
+    #: by 190 MB without a cap; a reading car drained them as fast. A higher lane still
+    #: goes first: a new critical command pushes the last queued bulk one back to disk
+    max_outbox_per_car: int = 64
     sweep_interval_s: float = 0.25
     #: coalesced telemetry is applied to live state this often (memory only)
     state_flush_interval_s: float = 1.0
@@ -151,6 +165,24 @@ class Config:
     #: non-terminal commands held; each lane is refused past its fraction of it
     #: (broker/core/lanes.py: bulk at 80%, interactive at 100%, critical never)
     durable_queue_budget: int = 2_000_000
+    #: per-caller limits (broker/core/quotas.py), refused RESOURCE_EXHAUSTED for that caller
+    #: alone; each can be changed for one caller in a `[callers."service:NAME"]` TOML table
+    #: (keys rate_per_s, burst, critical_rate_per_s, critical_burst, queue_share,
+    #: max_watches). Commands a second on the interactive and bulk lanes, and the burst
+    #: (one broker takes ~18,000 a second: one caller gets at most about a ninth of that)
+    caller_rate_per_s: float = 2000
+    caller_burst: float = 5000
+    #: commands a second on the critical lane, and the burst: a bucket of its own, so an
+    #: unlock never waits behind any flood of the other lanes, the caller's own included
+    caller_critical_rate_per_s: float = 100
+    caller_critical_burst: float = 500
+    #: the fraction of durable_queue_budget one caller may hold (non-terminal commands),
+    #: degraded by lane as the budget is (bulk from 80% of the share); critical is never
+    #: refused for depth (its rate, the per-car quota and its TTL cap bound it)
+    caller_queue_share: float = 0.5
+    #: WatchCommands streams one caller may have open at once (each costs ~20 KB; one
+    #: stream watches up to 10,000 vehicles and commands)
+    max_watches_per_caller: int = 1000
     #: on SIGTERM: health says NOT_SERVING this long while everything is still served
     #: (load balancers and kubelets polling Check see it), then the drain starts
     drain_delay_s: float = 5
@@ -159,11 +191,30 @@ class Config:
     #: move long-lived objects out of the cyclic GC's sight this often (0: never); see
     #: StateFlush.run (broker/server/loops.py) for the measured reason
     gc_freeze_interval_s: float = 10
+    #: the audit trail (<data_dir>/audit/, one JSON-lines file per UTC day): files of days
+    #: older than this are deleted, once a day (0: never; docs/operations.md)
+    audit_retention_days: int = 90
     log_format: str = "text"
     commands: Mapping[str, CommandPolicy] = field(default_factory=lambda: DEFAULT_COMMANDS)
+    #: per-caller overrides of the caller_* limits, by caller name (`service:NAME`):
+    #: `[callers."service:NAME"]` in the TOML file; only the keys given change
+    callers: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
 
     def policy(self, name: str) -> CommandPolicy:
         return self.commands.get(name, FALLBACK_POLICY)
+
+    def caller_policy(self, caller: str) -> CallerPolicy:
+        """`caller`'s limits: the caller_* defaults, with its `[callers.NAME]` keys."""
+        default = CallerPolicy(
+            rate_per_s=self.caller_rate_per_s,
+            burst=self.caller_burst,
+            critical_rate_per_s=self.caller_critical_rate_per_s,
+            critical_burst=self.caller_critical_burst,
+            queue_share=self.caller_queue_share,
+            max_watches=self.max_watches_per_caller,
+        )
+        override = self.callers.get(caller)
+        return dataclasses.replace(default, **override) if override else default  # type: ignore[arg-type]
 
     def ttl_limit_s(self, lane: int) -> float:
         """The longest TTL a caller may ask for on `lane` (the lane table names the setting)."""
@@ -246,6 +297,8 @@ class Config:
             "critical_max_ttl_s", "max_ttl_s", "heartbeat_interval_s", "liveness_timeout_s",
             "critical_commit_wait_s", "auth_vehicle_max_ttl_s", "auth_service_max_ttl_s",
             "max_concurrent_streams", "first_message_timeout_s",
+            "new_streams_per_vehicle_per_s", "new_streams_per_vehicle_burst",
+            "max_outbox_per_car",
         ]  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
@@ -259,10 +312,15 @@ class Config:
             )
         for name in (
             "store_reserve_mb", "drain_delay_s", "grace_s", "auth_clock_skew_s",
-            "max_streams_per_peer",
+            "max_streams_per_peer", "audit_retention_days",
         ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name}: must not be negative, got {getattr(self, name)!r}")
+        for caller in ("", *self.callers):
+            try:
+                self.caller_policy(caller).check(f"callers.{caller}." if caller else "caller_")
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
         if self.liveness_timeout_s <= self.heartbeat_interval_s:
             raise InvalidArgument(
                 "liveness_timeout_s must be longer than heartbeat_interval_s "
@@ -317,6 +375,28 @@ def _commands_from_toml(table: Mapping[str, Any]) -> Mapping[str, CommandPolicy]
     return MappingProxyType(merged)
 
 
+#: the keys of a `[callers.NAME]` table, and the type of each
+_CALLER_KEYS = {field.name: field.type for field in dataclasses.fields(CallerPolicy)}
+
+
+def _callers_from_toml(table: Any) -> Mapping[str, Mapping[str, float]]:
+    if not isinstance(table, Mapping):
+        raise InvalidArgument('callers: expected tables, as [callers."service:NAME"]')
+    callers = {}
+    for name, spec in table.items():
+        if not isinstance(spec, Mapping):
+            raise InvalidArgument(f"callers.{name}: expected a table of limits")
+        values = {}
+        for key, raw in spec.items():
+            if key not in _CALLER_KEYS:
+                raise InvalidArgument(
+                    f"callers.{name}.{key}: unknown; one of {', '.join(sorted(_CALLER_KEYS))}"
+                )
+            values[key] = _coerce(f"callers.{name}.{key}", _CALLER_KEYS[key], raw)
+        callers[name] = MappingProxyType(values)
+    return MappingProxyType(callers)
+
+
 def load_config(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -325,7 +405,8 @@ def load_config(
 ) -> Config:
     """Build the config: `overrides` (CLI flags) > BROKER_* env > TOML file > defaults."""
     environ = os.environ if environ is None else environ
-    fields = {f.name: f for f in dataclasses.fields(Config) if f.name != "commands"}
+    tables = ("commands", "callers")  # TOML tables only
+    fields = {f.name: f for f in dataclasses.fields(Config) if f.name not in tables}
     values: dict[str, Any] = {}
     if config_file is None and environ.get("BROKER_CONFIG"):
         config_file = Path(environ["BROKER_CONFIG"])
@@ -337,6 +418,9 @@ def load_config(
         commands = document.pop("commands", None)
         if commands is not None:
             values["commands"] = _commands_from_toml(commands)
+        callers = document.pop("callers", None)
+        if callers is not None:
+            values["callers"] = _callers_from_toml(callers)
         for key, raw in document.items():
             if key not in fields:
                 raise InvalidArgument(f"config file {config_file}: unknown setting {key!r}")

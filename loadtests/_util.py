@@ -29,6 +29,15 @@ UNTHROTTLED = {
     "BROKER_NEW_STREAMS_BURST": "1e6",
     # every simulated car and client of the load tools comes from one address
     "BROKER_MAX_STREAMS_PER_PEER": "0",
+    # ...and one service token sends everything: per-caller limits lifted as well
+    "BROKER_CALLER_RATE_PER_S": "1e9",
+    "BROKER_CALLER_BURST": "1e9",
+    "BROKER_CALLER_CRITICAL_RATE_PER_S": "1e9",
+    "BROKER_CALLER_CRITICAL_BURST": "1e9",
+    "BROKER_CALLER_QUEUE_SHARE": "1",
+    "BROKER_NEW_STREAMS_PER_VEHICLE_PER_S": "1e6",
+    "BROKER_NEW_STREAMS_PER_VEHICLE_BURST": "1e6",
+    "BROKER_MAX_WATCHES_PER_CALLER": "1000000",
 }
 #: ...and the telemetry guard opened wide, so every batch is applied (ingest cost, not the
 #: guard's shedding, is what gets measured).

@@ -71,6 +71,15 @@ Rows, and how to read them:
    bare grpc.aio server requiring client certificates that answers the Hello with a
    Welcome. Per core: cars welcomed / the server's CPU seconds (/proc/PID/stat) from `go`
    to the last client's report; cars/s and connect-to-Welcome latency in the detail.
+10. `SendCommand signing on vs off` (`signing`): end-to-end signed commands
+   (broker/security/signing.py). The sender's CPU per command (build and serialize the
+   request; on: also sign it) and the car's (parse the frame; on: also
+   `CommandVerifier.check`), on one thread of this process, beside Ed25519 sign and
+   verify alone. Then the broker's CPU per SendCommand, signed beside unsigned, at the
+   highest level from this process: wait=none to offline cars (the envelope accepted and
+   stored) and wait=result to `--cars` connected cars in this process that verify every
+   signature (the envelope also rides every frame). Signed requests are signed before
+   the window, so the client's signing does not bound the rate. No target: the cost.
 
 Rates count what completed inside the measured window (after `--warmup`); latencies are
 nearest-rank percentiles (time.perf_counter) of the successful calls started in it. CPU %
@@ -99,15 +108,21 @@ from typing import Any, TypeVar
 
 import grpc
 import lmdb
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.config import Config
-from broker.sdk.client import BrokerClient, BrokerRpcError, build_request
+from broker.sdk.client import BrokerClient, BrokerRpcError, build_request, sign_request
+from broker.sdk.simulator import CARS_PER_CHANNEL, shared_channels
+from broker.sdk.vehicle import VehicleAgent, succeed
+from broker.security.signing import CommandSigner, CommandVerifier, ReplayGuard, signed_bytes
 from broker.server.broker import install_event_loop_policy
 from broker.testing import LOOPBACK, BrokerProcess, status_kb
+from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
+from broker.v1 import vehicle_link_pb2 as link
 from broker_ext._compat import extensions_summary
 from loadtests import drills, mosquitto, report
-from loadtests._util import UNTHROTTLED, WIDE_OPEN, CpuMeter, Window, hdr_ms
+from loadtests._util import UNTHROTTLED, WIDE_OPEN, CpuMeter, Window, hdr_ms, stop_agents
 from loadtests.cars import CarsProcess
 from loadtests.ceilings import CeilingServer, drive_clients
 from loadtests.tlscost import BenchCerts, measure_handshakes
@@ -116,7 +131,7 @@ T = TypeVar("T")
 COMMAND = "unlock"
 ROWS = (
     "streams", "telemetry", "unary", "tls-unary", "tls-telemetry", "mtls-handshake", "batch",
-    "storm", "drain",
+    "storm", "drain", "signing",
 )  # fmt: skip
 #: Safety cap on batches per measurement, far above what a run can reach (time ends first).
 MAX_CALLS = 5_000_000
@@ -239,6 +254,7 @@ def row_limits_s(args: argparse.Namespace) -> dict[str, float]:
         "batch": len(args.batch_sizes) * 2 * (window + args.wait_timeout + 40),
         "storm": 300,
         "drain": 600 + 4 * args.loss_wait,
+        "signing": 8 * (window + args.wait_timeout + 30) + 180,
     }
 
 
@@ -653,7 +669,279 @@ async def run_handshake_rows(args: argparse.Namespace, workdir: Path, out: dict[
     _note_processes(out, broker)
 
 
-# -- 4: SendCommands batches to offline cars, beside raw py-lmdb --------------------------------
+# -- 10: end-to-end signed commands --------------------------------------------------------------
+
+
+def _cpu_us_per_op(work: Callable[[int], object], count: int) -> float:
+    """CPU µs of this thread per call of `work(i)`, i in 0..count-1, after a warm-up of
+    `work(count)` .. `work(count + 199)` (so `work` must take 200 more)."""
+    for i in range(count, count + 200):
+        work(i)
+    started = time.thread_time()
+    for i in range(count):
+        work(i)
+    return round((time.thread_time() - started) / count * 1e6, 2)
+
+
+def measure_signing_cpu(samples: int) -> dict[str, float]:
+    """The sender's and the car's CPU per command, signing off and on, on one thread: the
+    sender builds and serializes the SendCommandRequest (on: also signs it); the car parses
+    the BrokerFrame (on: also runs `CommandVerifier.check`: parse the body, canonical check,
+    key, signature, ids, times, replay memory). Beside them, Ed25519 sign and verify alone."""
+    key = Ed25519PrivateKey.generate()
+    signer = CommandSigner(key)
+    verifier = CommandVerifier(
+        {signer.key_id: (key.public_key(), None)},
+        require_signatures=False,
+        replay=ReplayGuard(max_entries=2 * samples + 500),
+    )
+    payload = b'{"door":"all"}'
+    vehicle = "bench-car"
+
+    def unsigned_request(i: int) -> bytes:
+        return bytes(build_request(vehicle, COMMAND, payload, ttl_s=60).SerializeToString())
+
+    def signed_request(i: int) -> bytes:
+        request = sign_request(build_request(vehicle, COMMAND, payload, ttl_s=60), signer)
+        return bytes(request.SerializeToString())
+
+    def frame(i: int, signed: bool) -> bytes:
+        envelope = signer.sign(vehicle, COMMAND, payload, ttl_s=600, command_id=f"c{i}")
+        body = t.CommandBody.FromString(envelope.body)
+        command = link.CommandFrame(
+            command_id=f"c{i}",
+            name=COMMAND,
+            payload=payload,
+            attempt=1,
+            expires_at_ms=body.expires_at_ms,
+            issued_at_ms=body.issued_at_ms,
+            signed=envelope if signed else None,
+        )
+        return bytes(link.BrokerFrame(command=command).SerializeToString())
+
+    total = samples + 200  # the warm-up's too: every signed frame is checked once
+    unsigned_frames = [frame(i, False) for i in range(total)]
+    signed_frames = [frame(i, True) for i in range(total)]
+    data = signed_bytes(signer.sign(vehicle, COMMAND, payload, ttl_s=60).body)
+    signature = key.sign(data)
+    public = key.public_key()
+    return {
+        "samples": samples,
+        "sender_off_us": _cpu_us_per_op(unsigned_request, samples),
+        "sender_on_us": _cpu_us_per_op(signed_request, samples),
+        "car_off_us": _cpu_us_per_op(
+            lambda i: link.BrokerFrame.FromString(unsigned_frames[i]), samples
+        ),
+        "car_on_us": _cpu_us_per_op(
+            lambda i: verifier.check(
+                link.BrokerFrame.FromString(signed_frames[i]).command, vehicle
+            ),
+            samples,
+        ),
+        "ed25519_sign_us": _cpu_us_per_op(lambda i: key.sign(data), samples),
+        "ed25519_verify_us": _cpu_us_per_op(lambda i: public.verify(signature, data), samples),
+        "signed_request_bytes": len(signed_request(0)),
+        "unsigned_request_bytes": len(unsigned_request(0)),
+        "signed_frame_bytes": len(signed_frames[0]),
+        "unsigned_frame_bytes": len(unsigned_frames[0]),
+    }
+
+
+#: the signing row's paced points run at this share of the slower closed-loop rate
+PACED_SHARE = 0.7
+
+
+class SignedRequests:
+    """Serialized SendCommandRequests over `vehicles`, each a new command: unsigned, or
+    each signed with its own command id, `pool` of them signed ahead (outside the measured
+    window); past the pool they are signed as they are taken (counted in `late`)."""
+
+    def __init__(
+        self,
+        vehicles: Sequence[str],
+        *,
+        wait: str,
+        ttl_s: float,
+        wait_timeout_s: float,
+        signer: CommandSigner | None,
+        pool: int,
+    ) -> None:
+        self._vehicles = vehicles
+        self.wait = wait
+        self._ttl_s = ttl_s
+        self._timeout_s = wait_timeout_s if wait == "result" else None
+        self._signer = signer
+        self._turn = itertools.count()
+        self.late = 0
+        self._pool = [self._build(next(self._turn)) for _ in range(pool if signer else 0)]
+        self._pool.reverse()
+
+    def _build(self, turn: int) -> bytes:
+        request = build_request(
+            self._vehicles[turn % len(self._vehicles)], COMMAND, ttl_s=self._ttl_s,
+            wait=self.wait, timeout_s=self._timeout_s,
+        )  # fmt: skip
+        if self._signer is not None:
+            sign_request(request, self._signer)
+        return bytes(request.SerializeToString())
+
+    def take(self) -> bytes:
+        if self._pool:
+            return self._pool.pop()
+        if self._signer is not None:
+            self.late += 1
+        return self._build(next(self._turn))
+
+
+async def signed_point(
+    args: argparse.Namespace,
+    target: str,
+    broker_pid: int,
+    requests: SignedRequests,
+    concurrency: int,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    """Up to `concurrency` SendCommands in flight from this process for one window, as
+    fast as they complete or started at `rate` per second; the broker's CPU over the
+    window, per call completed in it."""
+    window = Window(args.warmup, args.duration, CpuMeter({"server": broker_pid, "bench": None}))
+    paced_from = time.perf_counter()
+    slots = itertools.count()
+    ok = {"result": {t.SUCCEEDED}, "none": {t.ACCEPTED, t.QUEUED, t.DELIVERED}}[requests.wait]
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    completed = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        call: Any = channel.unary_unary(
+            "/broker.v1.CommandService/SendCommand",
+            response_deserializer=svc.SendCommandResponse.FromString,
+        )
+
+        async def caller() -> None:
+            nonlocal completed
+            while True:
+                if rate:
+                    delay = paced_from + next(slots) / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                request = requests.take()
+                started = time.perf_counter()
+                if started >= window.end:
+                    return
+                try:
+                    reply = await call(request, timeout=args.wait_timeout + 5)
+                    problem = None
+                    if reply.wait_timed_out or reply.command.status not in ok:
+                        problem = f"status {t.CommandStatus.Name(reply.command.status)}"
+                        problem += f" ({reply.command.result_message[:80]})" * bool(
+                            reply.command.result_message
+                        )
+                except grpc.aio.AioRpcError as exc:
+                    problem = f"{exc.code().name}: {(exc.details() or '')[:80]}"
+                finished = time.perf_counter()
+                if problem is not None:
+                    errors[problem] += window.measures(started)
+                    continue
+                if window.measures(finished):
+                    completed += 1
+                if window.measures(started):
+                    latencies.append(finished - started)
+
+        cpu, *_ = await asyncio.gather(window.read_cpu(), *(caller() for _ in range(concurrency)))
+    server_pct = cpu.get("server")
+    per_call = (
+        round(server_pct / 100 * args.duration / completed * 1e6, 1)
+        if server_pct is not None and completed
+        else None
+    )
+    return {
+        "paced_at": rate,
+        "qps": round(completed / args.duration, 1),
+        "calls": completed,
+        "latency_ms": hdr_ms(latencies),
+        "errors": {k: v for k, v in errors.items() if v},
+        "cpu_pct": cpu,
+        "server_us_per_call": per_call,
+        "signed_late": requests.late,
+    }
+
+
+async def signing_series(
+    args: argparse.Namespace,
+    broker: BrokerProcess,
+    signer: CommandSigner,
+    vehicles: Sequence[str],
+    wait: str,
+    level: int,
+) -> dict[str, Any]:
+    """One mode of row 10: unsigned then signed, closed loop at `level` in flight; then
+    both paced at the same rate, `PACED_SHARE` of the slower one's, so the broker's CPU
+    per call compares like with like (a slower series spreads the broker's fixed costs,
+    fsyncs and wake-ups, over fewer calls)."""
+    options = {"wait": wait, "ttl_s": args.ttl, "wait_timeout_s": args.wait_timeout}
+
+    async def point(signed: bool, rate: float | None, pool: int = 0) -> Any:
+        requests = await asyncio.to_thread(
+            SignedRequests, vehicles, signer=signer if signed else None, pool=pool, **options
+        )
+        return await signed_point(args, broker.target, broker.pid, requests, level, rate)
+
+    side: dict[str, Any] = {"unsigned": await point(False, None)}
+    # Enough signed ahead for the unsigned rate (and half again) over the window.
+    pool = int(max(1000, side["unsigned"]["qps"] * (args.warmup + args.duration) * 1.5))
+    side["signed"] = await point(True, None, pool)
+    rate = max(1, round(PACED_SHARE * min(side["unsigned"]["qps"], side["signed"]["qps"])))
+    side["paced_unsigned"] = await point(False, rate)
+    side["paced_signed"] = await point(True, rate, pool)
+    return side
+
+
+async def run_signing_rows(args: argparse.Namespace, workdir: Path, out: dict[str, Any]) -> None:
+    """Row 10: what end-to-end signing costs. The sender's and the car's CPU per command
+    (`measure_signing_cpu`, this process, one thread); then the broker's CPU per
+    SendCommand carrying signed envelopes against unsigned ones, at the highest level,
+    from this process: wait=none to offline cars (accept and store the envelope), and
+    wait=result to `--cars` connected cars in this process, each checking signatures with
+    a `CommandVerifier` (the envelope also goes out in every frame). Per mode, unsigned
+    then signed, one point each; signed requests are signed ahead of the window."""
+    row: dict[str, Any] = {"concurrency": args.concurrency_levels[-1], "cars": args.cars}
+    out["signing"] = row
+    samples = 2000 if args.quick else 20000
+    row["cpu"] = await asyncio.to_thread(measure_signing_cpu, samples)
+    key = Ed25519PrivateKey.generate()
+    signer = CommandSigner(key)
+    broker = bench_broker(args, "signing", workdir)
+    agents: list[VehicleAgent] = []
+    tasks: list[asyncio.Task[None]] = []
+    channels: list[grpc.aio.Channel] = []
+    async with broker:
+        try:
+            car_ids = [f"signing-car-{i}" for i in range(args.cars)]
+            channels = shared_channels(broker.target, len(car_ids))
+            for index, vehicle_id in enumerate(car_ids):
+                agent = VehicleAgent(
+                    broker.target, vehicle_id, channel=channels[index // CARS_PER_CHANNEL],
+                    handlers={COMMAND: succeed},
+                    verifier=CommandVerifier(
+                        {signer.key_id: (key.public_key(), None)}, require_signatures=False
+                    ),
+                    **BENCH_AGENT,
+                )  # fmt: skip
+                agents.append(agent)
+                tasks.append(asyncio.create_task(agent.run()))
+            await within(
+                60, "the signing row's cars", asyncio.gather(*(a.connected.wait() for a in agents))
+            )
+            parked = [f"parked-{i:04d}" for i in range(args.parked_cars)]
+            level = row["concurrency"]
+            for wait, vehicles in (("none", parked), ("result", car_ids)):
+                row[wait] = await signing_series(args, broker, signer, vehicles, wait, level)
+            row["car_refusals"] = sum(len(a.refused) for a in agents)
+        finally:
+            await stop_agents(agents, tasks, channels)
+        await broker.astop()
+    _note_processes(out, broker)
 
 
 def padded_payload(record_bytes: int, ttl_s: float) -> bytes:
@@ -941,6 +1229,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Path, dict[str, Any]], Awaitabl
     "batch": run_batch_rows,
     "storm": run_storm_rows,
     "drain": run_drain_rows,
+    "signing": run_signing_rows,
 }
 
 

@@ -6,9 +6,12 @@ Fixtures that start a real server live in tests/e2e/ (conftest.py and harness.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
-from collections.abc import Awaitable, Callable
+import os
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -110,3 +113,24 @@ def _shown(value: object) -> str:
     if len(text) > _SHOWN_CHARS:
         return f"{text[:_SHOWN_CHARS]}... ({len(text)} characters)"
     return text
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "24m") mounted at `folder`/disk, unmounted afterwards; the
+    test is skipped, saying why, where mounting is not allowed (not root, a container)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = folder / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -8,7 +8,7 @@ import logging
 
 import grpc
 
-from broker.api.handlers import Context, Handlers
+from broker.api.handlers import Call, Context, Handlers
 from broker.config import Config
 from broker.core.commands import check_id
 from broker.core.errors import BrokerError, InvalidArgument, PermissionDenied, Unavailable
@@ -33,8 +33,8 @@ class VehicleLink:
             SERVICE, {"Connect": self._handlers.bidi(self.connect)}
         )
 
-    async def connect(self, context: Context) -> None:
-        opened = await self._handshake(context)
+    async def connect(self, context: Context, call: Call) -> None:
+        opened = await self._handshake(context, call)
         if opened is None:
             return
         stream, hold = opened
@@ -51,7 +51,7 @@ class VehicleLink:
         if session.close_error is not None:
             raise session.close_error
 
-    async def _handshake(self, context: Context) -> tuple[VehicleStream, Hold] | None:
+    async def _handshake(self, context: Context, call: Call) -> tuple[VehicleStream, Hold] | None:
         """Hello in, Welcome out, the car's queue on its way; None if the car hung up first.
         The hold ends the stream (UNAUTHENTICATED) when the car's token expires or is revoked.
 
@@ -60,8 +60,9 @@ class VehicleLink:
         """
         metadata = context.invocation_metadata() or ()
         claimed = next((str(v) for k, v in metadata if k == VEHICLE_ID_HEADER), None)
-        vehicle_id, principal = self._identity(context, claimed)
+        vehicle_id, principal = self._identity(context, claimed, call)
         check_id("vehicle id", vehicle_id)
+        call.vehicle_id = vehicle_id
         timeout_s = self._config.hello_timeout_s
         try:
             first = await asyncio.wait_for(context.read(), timeout_s)
@@ -82,13 +83,14 @@ class VehicleLink:
             raise
         return stream, hold
 
-    def _identity(self, context: Context, claimed: str | None) -> tuple[str, Principal]:
+    def _identity(self, context: Context, claimed: str | None, call: Call) -> tuple[str, Principal]:
         """The car's id: from its verified certificate on an mTLS port (a different id
         claimed in metadata is refused), else from its token (or, in insecure-dev mode,
-        the metadata); and the principal whose credential the stream holds."""
+        the metadata); and the principal whose credential the stream holds (in `call`
+        as soon as it is known, for the audit record of a refusal)."""
         peer = self._handlers.peer(context)
         if peer is None:
-            principal = self._handlers.principal(context, None)
+            call.principal = principal = self._handlers.principal(context, None)
             return self._handlers.auth.vehicle_identity(principal, claimed), principal
         kind, name = peer
         if kind != "vehicle":
@@ -97,7 +99,8 @@ class VehicleLink:
             raise PermissionDenied(
                 f"this certificate is for vehicle {name!r}; it cannot open {claimed[:80]!r}"
             )
-        return name, Principal("vehicle", name)
+        call.principal = principal = Principal("vehicle", name)
+        return name, principal
 
     async def _write(self, context: Context, stream: VehicleStream) -> None:
         session = stream.session

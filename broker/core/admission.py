@@ -10,10 +10,12 @@ table (broker/core/lanes.py).
   concurrency-limits' Gradient2: the limit shrinks while service time sits above its
   long-run baseline and grows back while it does not.
 * `Admission` splits that limit between the lanes. Critical work has a reserved share and
-  is never refused by policy (it may run above the limit); only a per-vehicle token bucket
-  refuses it, as the caller's own quota. Interactive and bulk work each have a share and
-  may borrow what the other leaves idle; bulk borrows only below a ceiling and is served
-  after interactive, so under pressure bulk yields first.
+  is never refused by policy (it may run above the limit); only a token bucket per
+  (caller, vehicle) refuses it, as the caller's own quota: one caller spending a car's
+  critical quota leaves that car's other callers theirs. A repeat the store answers as
+  deduplicated gives its token back (`refund_critical_quota`). Interactive and bulk work
+  each have a share and may borrow what the other leaves idle; bulk borrows only below a
+  ceiling and is served after interactive, so under pressure bulk yields first.
 * Work that finds no room waits in a FIFO queue per lane governed by a delay target, not
   a length cap (CoDel, RFC 8289): once the head of a queue has waited longer than
   `target` for a whole `interval`, waiters are shed from the head at the control-law pace
@@ -23,8 +25,9 @@ table (broker/core/lanes.py).
 
 Refusals are `BrokerError`s the servicer maps in one place: `Overloaded` (UNAVAILABLE with
 `retry_after_ms` for the `grpc-retry-pushback-ms` trailer) for server-wide overload,
-`VehicleQuotaExceeded` (RESOURCE_EXHAUSTED) for a car's critical quota. Nothing here
-knows about gRPC. Counters and gauges are plain attributes, read at metrics scrape time.
+`VehicleQuotaExceeded` (RESOURCE_EXHAUSTED) for a (caller, car) critical quota. Nothing
+here knows about gRPC. Counters and gauges are plain attributes, read at metrics scrape
+time; every refusal is also counted in the shared `Refusals` (broker/core/quotas.py).
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ from dataclasses import dataclass, field
 from broker.core import lanes
 from broker.core.errors import QuotaExceeded, Unavailable
 from broker.core.lanes import CRITICAL, Lane
+from broker.core.quotas import (
+    OVERLOADED,
+    SHUTTING_DOWN,
+    VEHICLE_CRITICAL_QUOTA,
+    Refusals,
+    TokenBuckets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +63,11 @@ RETRY_AFTER_MAX_MS = 5000
 #: Log that shedding started only after this long without shedding.
 SHED_LOG_QUIET_S = 10.0
 _MIN_TIMER_S = 0.001
+#: critical-quota buckets held at most (one per (caller, car) that sent critical work in
+#: the last refill time, 60 s by default; ~200 bytes each). Past it the least recently
+#: used is dropped: with a caller's critical rate (broker/core/quotas.py, 100/s by
+#: default) it takes 1,000 s to push one out, long after it would have refilled anyway
+MAX_QUOTA_BUCKETS = 100_000
 
 
 class Overloaded(Unavailable):
@@ -65,7 +80,8 @@ class Overloaded(Unavailable):
 
 
 class VehicleQuotaExceeded(QuotaExceeded):
-    """A car has used its critical-command quota; the next token is `retry_after_ms` away."""
+    """A caller has used its critical-command quota for a car; the next token is
+    `retry_after_ms` away."""
 
     retry_after_ms: int
 
@@ -177,16 +193,19 @@ class Gradient2Limit:
 class Slot:
     """`async with admission.slot(lane):` (a class, not a generator: this is the hot path)."""
 
-    __slots__ = ("_admission", "_lane", "_ticket", "_vehicle_id")
+    __slots__ = ("_admission", "_caller", "_lane", "_ticket", "_vehicle_id")
 
-    def __init__(self, admission: Admission, lane: int, vehicle_id: str | None) -> None:
+    def __init__(
+        self, admission: Admission, lane: int, vehicle_id: str | None, caller: str
+    ) -> None:
         self._admission = admission
         self._lane = lane
         self._vehicle_id = vehicle_id
+        self._caller = caller
         self._ticket: Ticket | None = None
 
     async def __aenter__(self) -> Ticket:
-        self._ticket = await self._admission.acquire(self._lane, self._vehicle_id)
+        self._ticket = await self._admission.acquire(self._lane, self._vehicle_id, self._caller)
         return self._ticket
 
     async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
@@ -249,9 +268,10 @@ class _Lane:
 class Admission:
     """Admits work by lane under an adaptive limit; see the module docstring.
 
-    Use `async with admission.slot(lane, vehicle_id=...)` around one unit of work, or
-    `ticket = await admission.acquire(...)` and `ticket.release()`. Both raise `Overloaded`
-    when the work is shed and `VehicleQuotaExceeded` when a car's critical quota is spent.
+    Use `async with admission.slot(lane, vehicle_id=..., caller=...)` around one unit of
+    work, or `ticket = await admission.acquire(...)` and `ticket.release()`. Both raise
+    `Overloaded` when the work is shed and `VehicleQuotaExceeded` when the caller's
+    critical quota for the car is spent.
 
     `clock` (seconds, monotonic) and `rng` are injectable so tests can drive time; an
     internal event-loop timer evaluates the queues when no work arrives or completes.
@@ -269,6 +289,8 @@ class Admission:
         critical_burst: int = 10,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        refusals: Refusals | None = None,
+        max_quota_buckets: int = MAX_QUOTA_BUCKETS,
     ) -> None:
         if not all(0 <= lane.share <= 1 and 0 < lane.borrow_ceiling <= 1 for lane in lane_table):
             raise ValueError("lane shares must be in 0..1 and borrow ceilings in (0, 1]")
@@ -305,8 +327,10 @@ class Admission:
         self.queue_delay_s: dict[int, float] = dict.fromkeys(names, 0.0)
         self._lanes = {lane.value: _Lane() for lane in self.queued_lanes}
         self._names = names
-        # vehicle_id -> (tokens, updated_at); insertion order is update order
-        self._buckets: dict[str, tuple[float, float]] = {}
+        #: every refusal, by reason (shared with the other parts that refuse)
+        self.refusals = refusals if refusals is not None else Refusals()
+        # (caller, vehicle_id) -> its critical bucket; bounded (MAX_QUOTA_BUCKETS)
+        self._buckets = TokenBuckets(max_buckets=max_quota_buckets, clock=clock)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = math.inf
@@ -332,19 +356,21 @@ class Admission:
 
     # -- admitting -------------------------------------------------------------------------
 
-    async def acquire(self, lane: int, vehicle_id: str | None = None) -> Ticket:
+    async def acquire(self, lane: int, vehicle_id: str | None = None, caller: str = "") -> Ticket:
         """Admit one unit of work in `lane`, waiting in the lane's queue if there is no room.
 
         Critical work never waits and is never refused by the limit; with a `vehicle_id`
-        it first takes a token from that car's critical quota. `vehicle_id` is not used
-        for the other lanes. Raises `Overloaded` or `VehicleQuotaExceeded`.
+        it first takes a token from `caller`'s critical quota for that car. `vehicle_id`
+        and `caller` are not used for the other lanes. Raises `Overloaded` or
+        `VehicleQuotaExceeded`.
         """
         if lane not in self._names:
             raise ValueError(f"unknown lane {lane}")
         if self._closed:
+            self.refusals.count(SHUTTING_DOWN)
             raise Unavailable("the broker is shutting down")
         if lane == CRITICAL and vehicle_id is not None:
-            self.take_critical_quota(vehicle_id)
+            self.take_critical_quota(vehicle_id, caller)
         now = self._clock()
         self.offered[lane] += 1
         if lane not in self._lanes:  # a reserved lane: never waits
@@ -371,31 +397,42 @@ class Admission:
                     state.waiters.remove(waiter)
             raise
 
-    def slot(self, lane: int, vehicle_id: str | None = None) -> Slot:
+    def slot(self, lane: int, vehicle_id: str | None = None, caller: str = "") -> Slot:
         """`acquire` as a context manager: the slot is released however the block exits."""
-        return Slot(self, lane, vehicle_id)
+        return Slot(self, lane, vehicle_id, caller)
 
-    def take_critical_quota(self, vehicle_id: str) -> None:
-        """Take one token from `vehicle_id`'s critical bucket or raise VehicleQuotaExceeded.
+    def take_critical_quota(self, vehicle_id: str, caller: str = "") -> None:
+        """Take one token from `caller`'s critical bucket for `vehicle_id`, or raise
+        VehicleQuotaExceeded.
 
-        `acquire(CRITICAL, vehicle_id)` calls this; call it directly per critical item of
-        a batch admitted as one unit of work.
+        `acquire(CRITICAL, vehicle_id, caller)` calls this; call it directly per critical
+        item of a batch admitted as one unit of work. Give the token back with
+        `refund_critical_quota` when the store answers the command as deduplicated.
         """
-        now = self._clock()
-        self._forget_full_buckets(now)
-        tokens, updated_at = self._buckets.pop(vehicle_id, (float(self.critical_burst), now))
-        tokens = min(self.critical_burst, tokens + (now - updated_at) * self._critical_rate_per_s)
-        if tokens < 1:
-            self._buckets[vehicle_id] = (tokens, now)
+        wait_s = self._buckets.take(
+            (caller, vehicle_id), self._critical_rate_per_s, self.critical_burst
+        )
+        if wait_s:
             self.quota_refused[CRITICAL] += 1
-            wait_ms = math.ceil((1 - tokens) / self._critical_rate_per_s * 1000)
+            self.refusals.count(VEHICLE_CRITICAL_QUOTA)
+            wait_ms = math.ceil(wait_s * 1000)
+            who = f"{caller!r} has" if caller else "callers have"
             raise VehicleQuotaExceeded(
-                f"vehicle {vehicle_id!r} has used its critical-command quota "
+                f"{who} used the critical-command quota for vehicle {vehicle_id!r} "
                 f"({self.critical_burst} at once, {self._critical_rate_per_s * 60:g} a minute); "
                 f"retry in {wait_ms} ms",
                 retry_after_ms=wait_ms,
             )
-        self._buckets[vehicle_id] = (tokens - 1, now)
+
+    def refund_critical_quota(self, vehicle_id: str, caller: str = "") -> None:
+        """Give back the token `take_critical_quota(vehicle_id, caller)` took, for a
+        command that cost nothing: the store answered it as a deduplicated repeat."""
+        self._buckets.give_back((caller, vehicle_id), self.critical_burst)
+
+    @property
+    def quota_buckets(self) -> int:
+        """Critical-quota buckets held (bounded by `max_quota_buckets`)."""
+        return len(self._buckets)
 
     def poll(self) -> None:
         """Evaluate the queues now: shed what CoDel says to, admit what fits.
@@ -414,6 +451,7 @@ class Admission:
             while (waiter := self._head(state)) is not None:
                 state.waiters.popleft()
                 self.shed[lane] += 1
+                self.refusals.count(SHUTTING_DOWN)
                 waiter.future.set_exception(Unavailable("the broker is shutting down"))
 
     # -- internals ---------------------------------------------------------------------------
@@ -550,6 +588,7 @@ class Admission:
         lane = waiter.lane
         waited_s = now - waiter.enqueued_at
         self.shed[lane] += 1
+        self.refusals.count(OVERLOADED)
         self.queue_delay_s[lane] = waited_s
         retry_after_ms = self._retry_after_ms(waited_s)
         if now - self._last_shed_at >= SHED_LOG_QUIET_S:
@@ -607,12 +646,3 @@ class Admission:
         self._timer = None
         self._timer_due = math.inf
         self.poll()
-
-    def _forget_full_buckets(self, now: float) -> None:
-        """Drop buckets that have refilled: they hold nothing a new bucket would not."""
-        refill_s = self.critical_burst / self._critical_rate_per_s
-        while self._buckets:
-            vehicle_id, (_, updated_at) = next(iter(self._buckets.items()))
-            if now - updated_at < refill_s:
-                break
-            del self._buckets[vehicle_id]

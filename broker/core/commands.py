@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 from broker.config import Config
-from broker.core import lanes
+from broker.core import audit, lanes
 from broker.core.admission import Admission, Overloaded
 from broker.core.clock import now_ms
 from broker.core.dispatch import Dispatcher
@@ -36,8 +36,9 @@ from broker.core.errors import (
 )
 from broker.core.events import EventHub
 from broker.core.lifecycle import DELIVERED_OR_LATER, TERMINAL
+from broker.core.quotas import QUEUE_BUDGET, STORE_SPACE, CallerLimits, Refusals
 from broker.core.state import VehicleStates
-from broker.core.store import NewCommand, Store
+from broker.core.store import Created, NewCommand, Store
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 
@@ -124,6 +125,11 @@ def signed_body(request: svc.SendCommandRequest) -> t.CommandBody:
         body = t.CommandBody.FromString(envelope.body)
     except Exception:  # protobuf's DecodeError, or worse for hostile bytes
         raise InvalidArgument("signed.body is not a CommandBody") from None
+    if body.SerializeToString() != envelope.body:  # what the car would refuse
+        raise InvalidArgument(
+            "signed.body is not a canonical CommandBody (each field once, in number order, "
+            "none unknown or at its default)"
+        )
     if not envelope.signature or not body.key_id:
         raise InvalidArgument("a signed command needs signed.signature and body.key_id")
     for what in ("vehicle_id", "name", "payload"):
@@ -147,8 +153,17 @@ class Commands:
         events: EventHub,
         states: VehicleStates,
         admission: Admission,
+        trail: audit.AuditTrail | None = None,
+        *,
+        callers: CallerLimits | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
+        self._refusals = refusals if refusals is not None else Refusals()
+        self._callers = callers if callers is not None else CallerLimits(refusals=self._refusals)
         self._config = config
+        #: who sent, canceled, superseded and read what (refusals are recorded at the
+        #: gRPC edge, broker/api/handlers.py)
+        self._audit = audit.NullAuditTrail() if trail is None else trail
         self._store = store
         self._dispatcher = dispatcher
         self._events = events
@@ -243,10 +258,14 @@ class Commands:
         if wait_s > self._config.max_wait_timeout_s:
             raise InvalidArgument(f"wait_timeout_ms is above {self._config.max_wait_timeout_s}s")
         self.check_queue_budget(item.lane)
-        async with self._admission.slot(item.lane, vehicle_id=item.vehicle_id):
+        self._callers.check_send(caller.name, item.lane)
+        async with self._admission.slot(item.lane, vehicle_id=item.vehicle_id, caller=caller.name):
             (result,) = await self._dispatcher.submit([item])
         if isinstance(result, BrokerError):
             raise result
+        if result.deduplicated and item.lane == lanes.CRITICAL:
+            self._admission.refund_critical_quota(item.vehicle_id, caller.name)
+        self._record_sent(caller, result)
         response = svc.SendCommandResponse(command=result.command, deduplicated=result.deduplicated)
         if request.wait == svc.WAIT_NONE:
             return response
@@ -256,12 +275,43 @@ class Commands:
         response.wait_timed_out = timed_out
         return response
 
+    def _record_sent(self, caller: Caller, result: Created) -> None:
+        command = result.command
+        record = self._audit.record
+        record(
+            audit.SEND,
+            caller.name,
+            outcome=audit.DEDUPLICATED if result.deduplicated else audit.OK,
+            vehicle_id=command.vehicle_id,
+            command_id=command.command_id,
+            name=command.name,
+            reason="signed" if command.HasField("signed") else "",
+        )
+        for older in result.superseded:
+            record(
+                audit.SUPERSEDE,
+                caller.name,
+                vehicle_id=older.vehicle_id,
+                command_id=older.command_id,
+                name=older.name,
+                reason=f"by {command.command_id}",
+            )
+
+    def _hidden(self, command_id: str, caller: Caller, method: str) -> NotFound:
+        """Refuse another sender's command as if it did not exist, and record it."""
+        self._audit.deny(
+            caller.name, "NOT_FOUND", method, command_id=command_id,
+            reason="another sender's command",
+        )  # fmt: skip
+        return hidden(command_id)
+
     def check_queue_budget(self, lane: int) -> None:
         """Degrade by lane as the durable queue fills (each lane is refused past its
         fraction of the budget: lanes.Lane.queue_budget). Short of disk or map room,
         every lane is refused (critical last)."""
         problem = self._store.space_problem(critical=lane == lanes.CRITICAL)
         if problem is not None:
+            self._refusals.count(STORE_SPACE)
             raise StoreUnavailable(
                 f"new commands are refused: {problem}; nothing accepted is lost",
                 retry_after_ms=retry_hint_ms(2.0, 10.0),
@@ -270,6 +320,7 @@ class Commands:
         pending = self._dispatcher.pending_total
         if pending < budget * lanes.BY_VALUE[lane].queue_budget:
             return
+        self._refusals.count(QUEUE_BUDGET)
         raise Overloaded(
             f"the durable queue holds {pending} commands (budget {budget}); "
             f"{lanes.wire_name(lane)} commands are refused until it drains",
@@ -311,6 +362,7 @@ class Commands:
             )
         # Items are built in place in the reply (a list handed to the constructor would be
         # copied item by item).
+        self._callers.check_batch(caller.name, count)
         response = svc.SendCommandsResponse()
         items = response.items
         valid: list[tuple[svc.SendCommandsItem, NewCommand]] = []
@@ -322,8 +374,9 @@ class Commands:
                     raise InvalidArgument("wait modes are not allowed in a batch; use SendCommand")
                 item = self.new_command(sub, caller, deadline_s)
                 self.check_queue_budget(item.lane)
+                self._callers.check_send(caller.name, item.lane, ahead=len(valid))
                 if item.lane == lanes.CRITICAL:
-                    take_quota(item.vehicle_id)
+                    take_quota(item.vehicle_id, caller.name)
                 valid.append((slot, item))
             except BrokerError as exc:
                 slot.error.code = exc.code
@@ -333,11 +386,14 @@ class Commands:
         # One durable write, admitted once, in the highest lane it carries.
         async with self._admission.slot(max(item.lane for _, item in valid)):
             results = await self._dispatcher.submit([item for _, item in valid])
-        for (slot, _), result in zip(valid, results, strict=True):
+        for (slot, item), result in zip(valid, results, strict=True):
             if isinstance(result, BrokerError):
                 slot.error.code = result.code
                 slot.error.message = result.message
             else:
+                if result.deduplicated and item.lane == lanes.CRITICAL:
+                    self._admission.refund_critical_quota(item.vehicle_id, caller.name)
+                self._record_sent(caller, result)
                 accepted = slot.accepted
                 accepted.command.CopyFrom(result.command)
                 accepted.command.ClearField("payload")  # keep replies small
@@ -353,7 +409,11 @@ class Commands:
         async with self._admission.slot(lanes.INTERACTIVE):
             command = await self._store.get(command_id)
         if not caller.sees(command):
-            raise hidden(command_id)
+            raise self._hidden(command_id, caller, "GetCommand")
+        self._audit.record(
+            audit.GET, caller.name, vehicle_id=command.vehicle_id, command_id=command_id,
+            name=command.name,
+        )  # fmt: skip
         return command
 
     async def cancel(self, command_id: str, caller: Caller) -> t.Command:
@@ -362,8 +422,20 @@ class Commands:
             async with self._admission.slot(lanes.INTERACTIVE):
                 command = await self._store.get(command_id)
             if not caller.may_cancel(command):
-                raise hidden(command_id)
-        return await self._dispatcher.cancel(command_id)
+                raise self._hidden(command_id, caller, "CancelCommand")
+        try:
+            canceled = await self._dispatcher.cancel(command_id)
+        except BrokerError as exc:  # already sent (FAILED_PRECONDITION), or gone
+            self._audit.record(
+                audit.CANCEL, caller.name, outcome=exc.code, command_id=command_id,
+                reason=exc.message,
+            )  # fmt: skip
+            raise
+        self._audit.record(
+            audit.CANCEL, caller.name, vehicle_id=canceled.vehicle_id, command_id=command_id,
+            name=canceled.name,
+        )  # fmt: skip
+        return canceled
 
     async def list_commands(self, vehicle_id: str, limit: int, caller: Caller) -> list[t.Command]:
         check_id("vehicle_id", vehicle_id)
@@ -373,7 +445,11 @@ class Commands:
             raise InvalidArgument(f"limit is at most {LIST_MAX}")
         sender = None if caller.reads_fleet else caller.name
         async with self._admission.slot(lanes.BULK):
-            return await self._store.list_vehicle(vehicle_id, limit=limit, sender=sender)
+            listed = await self._store.list_vehicle(vehicle_id, limit=limit, sender=sender)
+        self._audit.record(
+            audit.LIST, caller.name, vehicle_id=vehicle_id, reason=f"{len(listed)} commands"
+        )
+        return listed
 
     async def watch(
         self,
@@ -399,13 +475,25 @@ class Commands:
                 "the whole fleet needs the read:fleet scope"
             )
         visible = None if caller.reads_fleet and caller.vehicles is None else caller.sees
-        async for command in self._events.watch(
-            vehicle_ids, command_ids, visible=visible, ended=ended
-        ):
-            yield command
+        with self._callers.watching(caller.name):
+            self._audit.record(
+                audit.WATCH,
+                caller.name,
+                vehicle_id=vehicle_ids[0] if len(vehicle_ids) == 1 else "",
+                command_id=command_ids[0] if len(command_ids) == 1 else "",
+                reason=f"{len(vehicle_ids)} vehicles, {len(command_ids)} commands"
+                if vehicle_ids or command_ids
+                else "the whole fleet",
+            )
+            async for command in self._events.watch(
+                vehicle_ids, command_ids, visible=visible, ended=ended
+            ):
+                yield command
 
     async def vehicle_state(self, vehicle_id: str, caller: Caller) -> svc.VehicleState:
         check_id("vehicle_id", vehicle_id)
         caller.check_vehicle(vehicle_id)
         async with self._admission.slot(lanes.INTERACTIVE):
-            return await self._states.get(vehicle_id)
+            state = await self._states.get(vehicle_id)
+        self._audit.record(audit.STATE, caller.name, vehicle_id=vehicle_id)
+        return state

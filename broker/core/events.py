@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Collection
 
 from broker.core.errors import BrokerError, QuotaExceeded, Unavailable, retry_hint_ms
+from broker.core.quotas import WATCHER_BEHIND, Refusals
 from broker.v1 import types_pb2 as t
 
 Predicate = Callable[[t.Command], bool]
@@ -40,7 +41,8 @@ class _Watcher:
 class EventHub:
     """Publishes each recorded status change once, after it is durable."""
 
-    def __init__(self, *, watcher_depth: int = 10_000) -> None:
+    def __init__(self, *, watcher_depth: int = 10_000, refusals: Refusals | None = None) -> None:
+        self._refusals = refusals
         self._waiters: dict[str, list[tuple[Predicate, asyncio.Future[t.Command | None]]]] = {}
         self._watchers: set[_Watcher] = set()
         self._watcher_depth = watcher_depth
@@ -144,6 +146,8 @@ class EventHub:
                     if watcher.closing is not None:
                         raise watcher.closing
                     if watcher.overflowed:
+                        if self._refusals is not None:
+                            self._refusals.count(WATCHER_BEHIND)
                         raise QuotaExceeded(
                             f"watcher fell more than {self._watcher_depth} changes behind; "
                             "reconnect and re-read current status with GetCommand/ListCommands"

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from broker.core.errors import BrokerError, Replaced, Unavailable
+from broker.core.quotas import STREAM_BUDGET, STREAM_BUDGET_VEHICLE, Refusals, TokenBuckets
 from broker.v1 import types_pb2 as t
 
 #: Put in a session's outbox to end its stream.
@@ -168,6 +169,16 @@ class SessionRegistry:
         return len(silent)
 
 
+class StreamDeferred(Unavailable):
+    """A new vehicle stream told to come back later (storm control); `reason` says which
+    budget deferred it: the fleet's (`stream_budget`) or its own car's
+    (`stream_budget_vehicle`)."""
+
+    def __init__(self, message: str, *, reason: str, retry_after_ms: int) -> None:
+        super().__init__(message, retry_after_ms=retry_after_ms)
+        self.reason = reason
+
+
 class StreamGate:
     """Admits new vehicle streams at a bounded rate, so a reconnect storm is spread out.
 
@@ -175,20 +186,60 @@ class StreamGate:
     refused here is told when to come back (UNAVAILABLE with a jittered retry-after that
     grows with the backlog), so a whole fleet reconnecting after a crash arrives as a
     ramp the broker can take instead of a wall that knocks it over again.
+
+    Before the fleet's bucket, each car credential has its own (`vehicle_rate_per_s`,
+    `vehicle_burst`): a car reconnecting in a loop is deferred on it (told the wait for
+    its next token) and never reaches the fleet's, so it cannot spend the budget of the
+    others. A car deferred by the fleet's bucket gets its own token back. The cars'
+    buckets are forgotten once refilled, and at most `max_vehicles` are held.
     """
 
-    def __init__(self, rate_per_s: float, burst: float, *, max_wait_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: float,
+        *,
+        max_wait_s: float = 60.0,
+        vehicle_rate_per_s: float = 0.5,
+        vehicle_burst: float = 10.0,
+        max_vehicles: int = 100_000,
+        refusals: Refusals | None = None,
+    ) -> None:
         self._rate = rate_per_s
         self._burst = burst
         self._tokens = burst
         self._updated = time.monotonic()
         self._max_wait_s = max_wait_s
         self._deferred_recently = 0.0  # decays: how many were told to wait lately
+        self._vehicle_rate = vehicle_rate_per_s
+        self._vehicle_burst = vehicle_burst
+        self._vehicles = TokenBuckets(max_buckets=max_vehicles)
+        self.refusals = refusals if refusals is not None else Refusals()
         self.admitted = 0
+        #: deferred by the fleet's bucket, and by a car's own
         self.deferred = 0
+        self.deferred_vehicle = 0
 
-    def admit(self) -> None:
-        """Take a token or raise Unavailable with a jittered retry-after."""
+    @property
+    def vehicle_buckets(self) -> int:
+        """Cars' stream buckets held (bounded by `max_vehicles`)."""
+        return len(self._vehicles)
+
+    def admit(self, vehicle_id: str | None = None) -> None:
+        """Take a token (the car's own, then the fleet's) or raise StreamDeferred
+        (UNAVAILABLE) with a jittered retry-after."""
+        if vehicle_id is not None:
+            wait_s = self._vehicles.take(vehicle_id, self._vehicle_rate, self._vehicle_burst)
+            if wait_s:
+                self.deferred_vehicle += 1
+                self.refusals.count(STREAM_BUDGET_VEHICLE)
+                retry_ms = int(random.uniform(1.0, 1.5) * wait_s * 1000) + 1
+                raise StreamDeferred(
+                    f"this car opened more than {self._vehicle_burst:g} streams lately "
+                    f"({self._vehicle_rate:g} a second allowed); reconnect in {retry_ms} ms",
+                    reason=STREAM_BUDGET_VEHICLE,
+                    retry_after_ms=retry_ms,
+                )
         now = time.monotonic()
         elapsed = now - self._updated
         self._updated = now
@@ -198,12 +249,16 @@ class StreamGate:
             self._tokens -= 1
             self.admitted += 1
             return
+        if vehicle_id is not None:
+            self._vehicles.give_back(vehicle_id, self._vehicle_burst)
         self.deferred += 1
+        self.refusals.count(STREAM_BUDGET)
         self._deferred_recently += 1
         # Spread everyone told to wait over the time the backlog needs at our rate.
         backlog_s = min(self._max_wait_s, max(1.0, self._deferred_recently / self._rate))
         retry_ms = int(random.uniform(0.5, 1.0) * backlog_s * 1000)
-        raise Unavailable(
+        raise StreamDeferred(
             "the broker is admitting new vehicle streams at a bounded rate; reconnect later",
+            reason=STREAM_BUDGET,
             retry_after_ms=retry_ms,
         )

@@ -183,14 +183,16 @@ class Store(Protocol):
         """Expire, time out and purge what is due: `(changed commands, timers due)`;
         fewer than `limit` due means nothing due is left."""
 
-    def recover(self, *, now_ms: int) -> asyncio.Future[int]:
+    def recover(self, *, now_ms: int, senders: dict[str, int] | None = None) -> asyncio.Future[int]:
         """After a start: what was on the wire is QUEUED again. Returns how many commands
-        are pending."""
+        are pending; with `senders`, also adds each sender's count of them to it (read it
+        once the future is done)."""
 
     def load_pending(
-        self, vehicle_ids: Sequence[str]
+        self, vehicle_ids: Sequence[str], *, limit: int | None = None
     ) -> asyncio.Future[dict[str, list[t.Command]]]:
-        """Each vehicle's non-terminal commands, in dispatch order (lane, then FIFO)."""
+        """Each vehicle's non-terminal commands, in dispatch order (lane, then FIFO): the
+        first `limit` of them (per vehicle), or all."""
 
     def get(self, command_id: str) -> asyncio.Future[t.Command]:
         """A command; NotFound if there is none (never created, or purged)."""

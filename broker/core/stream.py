@@ -118,7 +118,7 @@ class Links:
         Admitted only after the Hello, so a token is never spent on a stream that dies
         first. Call `connected` once the Welcome is written, and `close` in any case.
         """
-        self._stream_gate.admit()
+        self._stream_gate.admit(vehicle_id)
         session = Session(vehicle_id, now_ms=now_ms())
         session.heartbeats = hello.sends_heartbeats
         await self._states.attach(vehicle_id)

@@ -16,6 +16,15 @@ retry that reaches a command it already has with that command (`deduplicated`), 
 second one. A call that still fails with UNAVAILABLE or DEADLINE_EXCEEDED may have been
 accepted: send again with the same `idempotency_key` (within the broker's idempotency
 window, 24 h by default) to learn what became of it.
+
+Signed commands: given a `signer` (`broker.security.signing.CommandSigner`, the sender's
+own Ed25519 key), the client signs every command it sends (`send_command` and each item
+of `send_commands`) for the car to check (docs/security.md). The signed expiry is `ttl_s`
+from now, or `DEFAULT_SIGNED_TTL_S` (60 s) when no TTL is given: the client does not know
+the broker's per-command policy, and a short expiry bounds how long a broker can hold a
+command back. It must be within the lane's TTL cap or the broker refuses the send. Each
+logical send is signed once; its retries resend the same envelope (the broker
+deduplicates it by the signed command id, the one `reply.command.command_id` shows).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from typing import Any, TypeVar
 import grpc
 
 from broker.core import lanes
+from broker.security.signing import CommandSigner
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from broker.wire import TokenSource, bearer, pushback_ms
@@ -41,6 +51,8 @@ from broker.wire import TokenSource, bearer, pushback_ms
 T = TypeVar("T")
 DEFAULT_TARGET = "127.0.0.1:50051"
 WAIT_MODES = {"none": svc.WAIT_NONE, "delivered": svc.WAIT_DELIVERED, "result": svc.WAIT_RESULT}
+#: the signed expiry of a command sent with a signer and no TTL (the critical lane's TTL)
+DEFAULT_SIGNED_TTL_S = 60.0
 
 
 class BrokerRpcError(Exception):
@@ -73,6 +85,8 @@ def command_to_dict(command: Any) -> dict[str, Any]:
     for name in ("idempotency_key", "coalesce_key", "status_reason", "result_message"):
         if getattr(command, name):
             out[name] = getattr(command, name)
+    if command.HasField("signed"):
+        out["signed"] = True
     if command.payload:
         try:
             out["payload"] = json.loads(command.payload)
@@ -105,12 +119,14 @@ class BrokerClient:
         timeout_s: float = 30.0,
         max_retries: int = 8,
         reconnect_wait_s: float = 15.0,
+        signer: CommandSigner | None = None,
     ) -> None:
         """`max_retries`: how often a call that failed with UNAVAILABLE is retried, after
         the broker's pushback hint or a jittered backoff, within its timeout (0
         disables). Safe: reads change nothing, sends carry an idempotency key.
         `reconnect_wait_s`: how long a call lost in transit waits for the broker to be
-        reachable again (a restart), within its timeout; 0 fails at once."""
+        reachable again (a restart), within its timeout; 0 fails at once.
+        `signer`: sign every command sent (see the module docstring)."""
         # TLS: `credentials` trust the broker's CA (and carry a client certificate for
         # mTLS): broker.security.tls.channel_credentials.
         self._owns_channel = channel is None
@@ -127,6 +143,7 @@ class BrokerClient:
         self._timeout_s = timeout_s
         self._max_retries = max_retries
         self._reconnect_wait_s = reconnect_wait_s
+        self.signer = signer
         #: calls refused with a pushback hint
         self.pushbacks = 0
         #: retries made (after a pushback hint or a failure in transit)
@@ -221,16 +238,21 @@ class BrokerClient:
             idempotency_key=idempotency_key or new_idempotency_key(),
             coalesce_key=coalesce_key, wait=wait, timeout_s=timeout_s,
         )  # fmt: skip
+        if self.signer is not None:
+            sign_request(request, self.signer)
         rpc_timeout = (timeout_s or 30.0) + self._timeout_s if wait != "none" else None
         return await self._unary("SendCommand", request, svc.SendCommandResponse, rpc_timeout)
 
     async def send_commands(self, requests: Iterable[Any]) -> Any:
         """Send a batch of `SendCommandRequest`s (see `build_request`) in one durable write;
-        an item without an idempotency key gets one generated (a copy; yours is untouched)."""
+        an item without an idempotency key gets one generated, and with a signer every
+        item not signed yet is signed (`sign_request`; on a copy: yours is untouched)."""
         batch = svc.SendCommandsRequest(commands=list(requests))
         for item in batch.commands:
             if not item.idempotency_key:
                 item.idempotency_key = new_idempotency_key()
+            if self.signer is not None and not item.HasField("signed"):
+                sign_request(item, self.signer)
         return await self._unary("SendCommands", batch, svc.SendCommandsResponse)
 
     async def get_command(self, command_id: str) -> Any:
@@ -329,6 +351,22 @@ def build_request(
     )
 
 
+def sign_request(
+    request: Any, signer: CommandSigner, default_ttl_s: float = DEFAULT_SIGNED_TTL_S
+) -> Any:
+    """Sign a SendCommandRequest in place: its vehicle, name and payload go into a signed
+    body expiring `ttl_ms` from now (`default_ttl_s` when 0), and `ttl_ms` becomes 0 (the
+    expiry is signed). The payload is left to the body alone; vehicle id and name stay
+    (equal to the body's, as the broker requires). Returns the request."""
+    ttl_s = request.ttl_ms / 1000 if request.ttl_ms else default_ttl_s
+    request.signed.CopyFrom(
+        signer.sign(request.vehicle_id, request.name, request.payload, ttl_s=ttl_s)
+    )
+    request.ttl_ms = 0
+    request.payload = b""
+    return request
+
+
 def new_idempotency_key() -> str:
     """A fresh key for one logical send: 12 hex digits of milliseconds, then 80 random
     bits. Time first, so a batch's keys land side by side in the broker's key index
@@ -348,13 +386,19 @@ def _whole_ms(seconds: float | None) -> int:
 class SyncBrokerClient:
     """Blocking twin of `BrokerClient` for sync code: runs one on a private loop thread."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, token: TokenSource = None) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: TokenSource = None,
+        signer: CommandSigner | None = None,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
 
         async def make() -> BrokerClient:
-            return BrokerClient(target, token=token)
+            return BrokerClient(target, token=token, signer=signer)
 
         self._client = self._run(make)
 

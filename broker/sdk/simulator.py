@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from broker.sdk.vehicle import (
     signals,
 )
 from broker.security.keys import load_private_key
+from broker.security.signing import CommandVerifier
 from broker.security.tls import channel_credentials
 from broker.security.tokens import TokenMinter
 
@@ -153,7 +155,10 @@ class SimulatedFleet:
         rng: random.Random | None = None,
         obey_policy: bool = True,
         backoff_cap_s: float = 30.0,
+        verifier: Callable[[], CommandVerifier] | None = None,
     ) -> None:
+        """`verifier`: makes each car's `CommandVerifier` (signed commands: the keys it
+        trusts; one per car, as each holds its car's replay memory)."""
         self.target = target
         self.telemetry_hz = telemetry_hz
         self.obey_policy = obey_policy
@@ -171,6 +176,7 @@ class SimulatedFleet:
         #: certificate (an identity is per connection: mTLS cars cannot share one)
         self._tls_ca = tls_ca
         self._cert_dir = cert_dir
+        self._verifier = verifier
 
     def _credentials(self, vehicle_id: str) -> grpc.ChannelCredentials | None:
         if self._tls_ca is None:
@@ -197,6 +203,7 @@ class SimulatedFleet:
                 firmware="sim",
                 obey_policy=self.obey_policy,
                 backoff_cap_s=self.backoff_cap_s,
+                verifier=self._verifier() if self._verifier is not None else None,
             )
             car = SimulatedCar(agent, self.rng)
             self.cars.append(car)

@@ -17,6 +17,17 @@ at most once: a re-sent id gets its first result repeated. It acks a command (Co
 command is answered by its result alone, which tells the broker the same and more, so the
 common case costs one frame and one durable write instead of two.
 
+Signed commands: given a `verifier` (`broker.security.signing.CommandVerifier`: the
+senders' public keys it trusts, for which names, and which names need a signature), the
+agent checks every command before it runs it and executes the signed body's name and
+payload, never the frame's. A command it refuses (unsigned where a signature is needed,
+an unknown key, a bad signature, another car's, expired by this car's clock, an old
+envelope under a new id, a replay) is answered `CommandResult(success=False,
+message="refused: <reason>")` and its handler is never called. A re-sent id it already
+answered gets that answer again, as for any command; the verifier's replay memory (ids
+kept until their signed expiry) refuses an id it ran whose answer the agent no longer
+remembers (`remember_results`), so a command runs at most once in either case.
+
 Links that die silently (a NAT timeout, a cell handover: no FIN, the socket looks open
 forever) are found at both ends: the agent's channel pings the broker every `keepalive_s`
 and gives the connection up when a ping goes unanswered for as long again, and the agent
@@ -32,13 +43,14 @@ import asyncio
 import logging
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
 
 from broker.core.clock import now_ms, steady_ns
+from broker.security.signing import CommandVerifier, Refused
 from broker.v1 import types_pb2 as t
 from broker.v1 import vehicle_link_pb2 as link
 from broker.wire import VEHICLE_ID_HEADER, TokenSource, bearer, pushback_ms
@@ -61,6 +73,8 @@ RESEND_MAX = 32
 ACK_DELAY_S = 0.05
 #: HTTP/2 keepalive of a car's channel: a ping this often, dead after as long unanswered
 KEEPALIVE_S = 10.0
+#: refusals `VehicleAgent.refused` keeps (a broker sending junk must not grow memory)
+REFUSED_KEPT = 1024
 #: the longest a car's channel waits between attempts to reconnect
 MAX_RECONNECT_BACKOFF_S = 10.0
 
@@ -125,9 +139,12 @@ class VehicleAgent:
         compression: grpc.Compression | None = None,
         ack_delay_s: float = ACK_DELAY_S,
         keepalive_s: float = KEEPALIVE_S,
+        verifier: CommandVerifier | None = None,
     ) -> None:
         """`ack_delay_s`: 0 acks every command on receipt. `keepalive_s`: see the module
         docstring (a `channel` passed in brings its own options: `car_channel_options`).
+        `verifier`: check signed commands (see the module docstring); one per car (it
+        holds the car's replay memory).
 
         `compression`: per-call message compression for this car's stream (e.g.
         `grpc.Compression.Gzip` on a metered cellular link; off by default because on a
@@ -166,6 +183,9 @@ class VehicleAgent:
         self.connected = asyncio.Event()
         self.session_id = ""
         self.executed: list[str] = []  # ids whose handler actually ran, in order
+        self.verifier = verifier
+        #: (command id, reason) of the latest commands the verifier refused, in order
+        self.refused: deque[tuple[str, str]] = deque(maxlen=REFUSED_KEPT)
         self.telemetry_policy: Any = link.TelemetryPolicy()
         self.obey_policy = obey_policy
         self._compression = compression
@@ -440,17 +460,35 @@ class VehicleAgent:
 
     async def _execute(self, command: Any) -> Any:
         server_now = self.server_now_ms()
-        handler = self.handlers.get(command.name)
         if server_now >= command.expires_at_ms:
-            outcome: HandlerResult = (False, "expired before execution; not executed", b"")
-        elif handler is None:
-            outcome = (False, f"unsupported command {command.name!r}", b"")
-        else:
-            self.executed.append(command.command_id)
+            return self._result(command, (False, "expired before execution; not executed", b""))
+        name, payload = command.name, command.payload
+        if self.verifier is not None:
+            # Checked (and remembered as run) here, under the execution lock, right before
+            # the handler: one command at a time, so nothing runs between check and run.
             try:
-                outcome = await handler(command.payload)
-            except Exception as exc:
-                outcome = (False, f"handler error: {exc}", b"")
+                name, payload = self.verifier.check(command, self.vehicle_id)
+            except Refused as refusal:
+                self.refused.append((command.command_id, refusal.reason))
+                logger.warning(
+                    "vehicle %s refused command %s: %s",
+                    self.vehicle_id,
+                    command.command_id[:80],
+                    refusal.reason,
+                )
+                return self._result(command, (False, f"refused: {refusal.reason}"[:1024], b""))
+        handler = self.handlers.get(name)
+        if handler is None:
+            return self._result(command, (False, f"unsupported command {name[:80]!r}", b""))
+        self.executed.append(command.command_id)
+        try:
+            outcome = await handler(payload)
+        except Exception as exc:
+            outcome = (False, f"handler error: {exc}", b"")
+        return self._result(command, outcome)
+
+    @staticmethod
+    def _result(command: Any, outcome: HandlerResult) -> Any:
         if outcome is None or isinstance(outcome, bool):
             success, message, detail = outcome is not False, "", b""
         else:

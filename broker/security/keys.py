@@ -100,16 +100,19 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def _load_public_key(path: Path) -> Ed25519PublicKey:
+def load_public_key(
+    path: Path,
+    *,
+    holder: str = "the broker must be given public keys only (it must not be able to mint tokens)",
+) -> Ed25519PublicKey:
+    """A public key file (SubjectPublicKeyInfo PEM, `*.public.pem`); a private key is
+    refused with `holder` saying why the one given this file must not have it."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InvalidArgument(f"public key {path}: {exc.strerror or exc}") from None
     if b"PRIVATE KEY" in data:
-        raise InvalidArgument(
-            f"{path} holds a private key: the broker must be given public keys only "
-            "(it must not be able to mint tokens)"
-        )
+        raise InvalidArgument(f"{path} holds a private key: {holder}")
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
@@ -149,7 +152,7 @@ def load_trusted_keys(locations: Mapping[str, Iterable[Path]]) -> dict[bytes, Tr
             raise InvalidArgument(f"unknown key role {kind!r}")
         for location in paths:
             for path in _key_files(location):
-                public_key = _load_public_key(path)
+                public_key = load_public_key(path)
                 kid = key_id(public_key)
                 known = keys.get(kid)
                 if known is not None and known.kind != kind:

@@ -41,9 +41,9 @@ from broker.security.keys import KEY_ID_BYTES, TrustedKey, key_id, load_private_
 
 VERSION = "v2"
 #: send: send and cancel its own commands; read: read and watch its own commands and
-#: vehicle states; read:fleet: read and watch every sender's commands; audit: read the
-#: audit trail; admin: all of these, cancel any command, raise a command's lane
-SCOPES = frozenset({"send", "read", "read:fleet", "audit", "admin"})
+#: vehicle states; read:fleet: read and watch every sender's commands; admin: all of
+#: these, cancel any command, raise a command's lane
+SCOPES = frozenset({"send", "read", "read:fleet", "admin"})
 #: the longest `vehicles` list a token may carry
 MAX_VEHICLE_PATTERNS = 64
 _VEHICLE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}|[A-Za-z0-9_.:-]{0,63}\*")

@@ -19,10 +19,12 @@ from broker.api.vehicle_link import VehicleLink
 from broker.config import Config
 from broker.core import clock
 from broker.core.admission import Admission, Gradient2Limit
+from broker.core.audit import AuditTrail
 from broker.core.commands import Commands
 from broker.core.dispatch import Dispatcher
 from broker.core.errors import Unavailable
 from broker.core.events import EventHub
+from broker.core.quotas import CallerLimits, Refusals
 from broker.core.sessions import SessionRegistry, StreamGate
 from broker.core.state import VehicleStates
 from broker.core.stream import DRAIN, Links
@@ -34,6 +36,7 @@ from broker.security.tls import ServerTls, server_credentials, tls_files_text
 from broker.security.tokens import TokenRules
 from broker.server.loops import Liveness, StateFlush, tune_gc
 from broker.server.metrics import BrokerCollector, serve_metrics
+from broker.storage.audit_log import AuditLog
 from broker.storage.lmdb_store import LmdbStore
 from broker.v1 import command_service_pb2, vehicle_link_pb2
 
@@ -118,12 +121,35 @@ class Broker:
             idempotency_window_ms=int(config.idempotency_window_s * 1000),
             reserve_bytes=config.store_reserve_mb << 20,
         )
+        # Who did what, and every refusal: JSON lines in <data_dir>/audit (the store made
+        # the data folder private and holds its lock).
+        self.audit_log = AuditLog(
+            config.data_dir / "audit",
+            retention_days=config.audit_retention_days,
+            fsync=config.durability == "fsync",
+            reserve_bytes=config.store_reserve_mb << 20,
+        )
+        self.audit: AuditTrail = self.audit_log
         self.sessions = SessionRegistry()
-        self.events = EventHub()
-        self.dispatcher = Dispatcher(self.store, self.sessions, self.events, config)
+        #: every refusal the broker makes, by reason (broker_refusals_total)
+        self.refusals = Refusals()
+        self.events = EventHub(refusals=self.refusals)
+        self.dispatcher = Dispatcher(
+            self.store, self.sessions, self.events, config, refusals=self.refusals
+        )
+        #: per-caller send rates, queue shares and watch caps (broker/core/quotas.py)
+        self.callers = CallerLimits.from_config(
+            config, pending_of=self.dispatcher.pending_of, refusals=self.refusals
+        )
         self.states = VehicleStates(self.store, self.sessions, max_fields=config.max_state_fields)
         self.health = health.aio.HealthServicer()
-        self.stream_gate = StreamGate(config.new_streams_per_s, config.new_streams_burst)
+        self.stream_gate = StreamGate(
+            config.new_streams_per_s,
+            config.new_streams_burst,
+            vehicle_rate_per_s=config.new_streams_per_vehicle_per_s,
+            vehicle_burst=config.new_streams_per_vehicle_burst,
+            refusals=self.refusals,
+        )
         self.admission = Admission(
             Gradient2Limit(
                 initial_limit=config.admission_initial_limit,
@@ -134,6 +160,7 @@ class Broker:
             codel_interval_s=config.codel_interval_ms / 1000,
             critical_per_minute=config.critical_per_minute,
             critical_burst=config.critical_burst,
+            refusals=self.refusals,
         )
         self.telemetry = TelemetryGuard(
             car_msgs_per_s=config.telemetry_car_msgs_per_s,
@@ -158,6 +185,7 @@ class Broker:
         # even if the wall clock was set back while the broker was down (broker/core/clock.py).
         clock.current().resume(*self.store.clock_reference)
         self.store.start(asyncio.get_running_loop())
+        self.audit_log.start()
         recovered = await self.dispatcher.recover()
         expired = await self.dispatcher.fire_timers()
         logger.info("recovered %d pending commands (%d expired or timed out)", recovered, expired)
@@ -168,9 +196,18 @@ class Broker:
             peer_certificates=bool(config.tls_client_ca_file),
             first_message_timeout_s=config.first_message_timeout_s,
             peers=self.peers,
+            audit=self.audit,
         )
         commands = Commands(
-            config, self.store, self.dispatcher, self.events, self.states, self.admission
+            config,
+            self.store,
+            self.dispatcher,
+            self.events,
+            self.states,
+            self.admission,
+            self.audit,
+            callers=self.callers,
+            refusals=self.refusals,
         )
         links = Links(config, self.dispatcher, self.telemetry, self.states, self.stream_gate)
         server = grpc.aio.server(options=server_options(config))
@@ -210,6 +247,7 @@ class Broker:
             asyncio.create_task(flush.run(), name="state-flush"),
             asyncio.create_task(self.liveness.run(), name="liveness"),
             asyncio.create_task(self.auth.run(), name="revocations"),
+            asyncio.create_task(self.audit_log.run(), name="audit"),
         ]
         return port
 
@@ -240,6 +278,10 @@ class Broker:
             telemetry=self.telemetry,
             store=self.store,
             liveness=self.liveness,
+            audit=self.audit,
+            refusals=self.refusals,
+            callers=self.callers,
+            peers=getattr(self, "peers", None),
         )
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:
@@ -274,6 +316,7 @@ class Broker:
         with contextlib.suppress(Exception):
             await self.states.flush()
         await self.store.close()
+        await self.audit_log.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -19,9 +19,12 @@ from broker.core import clock, lanes
 from broker.v1 import types_pb2 as t
 
 if TYPE_CHECKING:
+    from broker.api.limits import PeerStreams
     from broker.core.admission import Admission
+    from broker.core.audit import AuditTrail
     from broker.core.dispatch import Dispatcher
     from broker.core.events import EventHub
+    from broker.core.quotas import CallerLimits, Refusals
     from broker.core.sessions import SessionRegistry, StreamGate
     from broker.core.store import Store
     from broker.core.telemetry import TelemetryGuard
@@ -42,6 +45,10 @@ class BrokerCollector(Collector):
         telemetry: TelemetryGuard,
         store: Store,
         liveness: Liveness,
+        audit: AuditTrail | None = None,
+        refusals: Refusals | None = None,
+        callers: CallerLimits | None = None,
+        peers: PeerStreams | None = None,
     ) -> None:
         self.events = events
         self.dispatcher = dispatcher
@@ -51,6 +58,10 @@ class BrokerCollector(Collector):
         self.telemetry = telemetry
         self.store = store
         self.liveness = liveness
+        self.audit = audit
+        self.refusals = refusals
+        self.callers = callers
+        self.peers = peers
 
     def collect(self) -> Iterator[Any]:
         yield from self._commands()
@@ -58,6 +69,8 @@ class BrokerCollector(Collector):
         yield from self._admission()
         yield from self._telemetry()
         yield from self._store()
+        yield from self._audit()
+        yield from self._refusals()
 
     def _commands(self) -> Iterator[Any]:
         outcomes = CounterMetricFamily(
@@ -195,6 +208,72 @@ class BrokerCollector(Collector):
         yield CounterMetricFamily(
             "broker_store_operations", "Store operations committed", value=store.operations
         )
+
+    def _audit(self) -> Iterator[Any]:
+        audit = self.audit
+        if audit is None:
+            return
+        yield CounterMetricFamily(
+            "broker_audit_lines_written", "Audit trail lines written", value=audit.written
+        )
+        yield CounterMetricFamily(
+            "broker_audit_lines_dropped",
+            "Audit trail lines lost: the disk failed or was full, or the buffer was",
+            value=audit.dropped,
+        )
+        yield CounterMetricFamily(
+            "broker_audit_denials_suppressed",
+            "Denials over the per-actor audit rate, counted in a summary line instead",
+            value=audit.suppressed,
+        )
+
+    def _refusals(self) -> Iterator[Any]:
+        """Every refusal, by reason: one family (the parts' own counters stay too)."""
+        if self.refusals is None:
+            return
+        counts = dict(self.refusals.counts)
+        if self.peers is not None:  # counted where the adapters refuse
+            counts["peer_streams"] = counts.get("peer_streams", 0) + self.peers.refused
+        refusals = CounterMetricFamily(
+            "broker_refusals",
+            "Everything the broker refused, by reason (caller_rate, caller_queue_share, "
+            "vehicle_critical_quota, overloaded, queue_budget, store_space, stream_budget, "
+            "stream_budget_vehicle, watch_cap, ...)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(counts.items()):
+            refusals.add_metric([reason], count)
+        yield refusals
+        dispatcher = self.dispatcher
+        yield GaugeMetricFamily(
+            "broker_dispatch_commands_in_memory",
+            "Command records held in memory for connected cars (at most max_outbox_per_car "
+            "queued per car, plus those on the wire)",
+            value=dispatcher.commands_in_memory,
+        )
+        yield GaugeMetricFamily(
+            "broker_dispatch_spilled_vehicles",
+            "Connected cars with more queued commands than max_outbox_per_car: the rest "
+            "wait on disk only",
+            value=dispatcher.spilled_queues,
+        )
+        pending = GaugeMetricFamily(
+            "broker_caller_pending_commands",
+            "Non-terminal commands by sender (for caller_queue_share)",
+            labels=["caller"],
+        )
+        for caller, count in sorted(dispatcher.pending_by_sender.items()):
+            pending.add_metric([caller], count)
+        yield pending
+        if self.callers is not None:
+            watches = GaugeMetricFamily(
+                "broker_caller_watches",
+                "Open WatchCommands streams by caller (max_watches_per_caller)",
+                labels=["caller"],
+            )
+            for caller, count in sorted(self.callers.watches_by_caller.items()):
+                watches.add_metric([caller], count)
+            yield watches
 
 
 def serve_metrics(collector: Collector, listen: str) -> Any:

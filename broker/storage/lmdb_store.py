@@ -458,9 +458,7 @@ class LmdbStore(StoreInterface):
             if lifecycle.resends(existing, item):
                 return Created(existing, True, ())  # type: ignore[arg-type]
         if item.idempotency_key:
-            earlier_id = txn.get(
-                _idem_key(item.sender, item.idempotency_key), db=self._idem
-            )
+            earlier_id = txn.get(_idem_key(item.sender, item.idempotency_key), db=self._idem)
             if earlier_id is not None:
                 earlier = self._load(txn, earlier_id.decode())
                 window_ms = self._idempotency_window_ms
@@ -700,34 +698,49 @@ class LmdbStore(StoreInterface):
             purged += 1
         return purged
 
-    def recover(self, *, now_ms: int) -> asyncio.Future[int]:
+    def recover(self, *, now_ms: int, senders: dict[str, int] | None = None) -> asyncio.Future[int]:
         """After a start: anything that was on the wire is QUEUED again (sessions did not
-        survive the restart). Returns how many commands are pending; nothing is loaded
-        into memory (cars get theirs from `load_pending` when they connect)."""
+        survive the restart). Returns how many commands are pending, and adds each
+        sender's count of them to `senders`; nothing is loaded into memory (cars get
+        theirs from `load_pending` when they connect)."""
         recover = partial(lifecycle.recover, now_ms=now_ms)
+        counts: dict[str, int] = {}
 
         def op(txn: Any) -> int:
+            counts.clear()  # a failed group's operations run again, one by one
             with txn.cursor(db=self._pending) as cursor:
                 ids = [value.decode() for value in cursor.iternext(keys=False, values=True)]
             for command_id in ids:
-                self._change(txn, command_id, recover)
+                command = self._load(txn, command_id)
+                if command is not None:
+                    counts[command.sender] = counts.get(command.sender, 0) + 1
+                    self._apply(txn, command, recover)
             return len(ids)
 
-        return self._writer.submit(op)
+        def counted(future: asyncio.Future[int]) -> None:
+            if senders is not None and not future.cancelled() and future.exception() is None:
+                for sender, count in counts.items():
+                    senders[sender] = senders.get(sender, 0) + count
+
+        future = self._writer.submit(op)
+        future.add_done_callback(counted)
+        return future
 
     def load_pending(
-        self, vehicle_ids: Sequence[str]
+        self, vehicle_ids: Sequence[str], *, limit: int | None = None
     ) -> asyncio.Future[dict[str, list[t.Command]]]:
-        """Each vehicle's non-terminal commands, in dispatch order (lane, then FIFO)."""
+        """Each vehicle's non-terminal commands, in dispatch order (lane, then FIFO): the
+        first `limit` of them (per vehicle), or all."""
+        most = limit if limit is not None else -1
 
         def op(txn: Any) -> dict[str, list[t.Command]]:
             out: dict[str, list[t.Command]] = {}
             with txn.cursor(db=self._pending) as cursor:
                 for vehicle_id in vehicle_ids:
                     prefix = codec.vehicle_prefix(vehicle_id)
-                    commands = []
+                    commands: list[t.Command] = []
                     positioned = cursor.set_range(prefix)
-                    while positioned:
+                    while positioned and len(commands) != most:
                         key, value = cursor.item()
                         if not key.startswith(prefix):
                             break

@@ -230,9 +230,12 @@ class MemoryStore(StoreInterface):
 
         return self._submit(op)
 
-    def recover(self, *, now_ms: int) -> asyncio.Future[int]:
+    def recover(self, *, now_ms: int, senders: dict[str, int] | None = None) -> asyncio.Future[int]:
         def op() -> int:
             pending = list(self._pending_of(None))
+            if senders is not None:
+                for command in pending:
+                    senders[command.sender] = senders.get(command.sender, 0) + 1
             self._change_all(
                 [c.command_id for c in pending], partial(lifecycle.recover, now_ms=now_ms)
             )
@@ -241,11 +244,11 @@ class MemoryStore(StoreInterface):
         return self._submit(op)
 
     def load_pending(
-        self, vehicle_ids: Sequence[str]
+        self, vehicle_ids: Sequence[str], *, limit: int | None = None
     ) -> asyncio.Future[dict[str, list[t.Command]]]:
         def in_dispatch_order(vehicle_id: str) -> list[t.Command]:
             pending = sorted(self._pending_of(vehicle_id), key=lambda c: (-c.lane, c.seq))
-            return [_copy(c) for c in pending]
+            return [_copy(c) for c in pending[:limit]]
 
         return self._submit(lambda: {v: in_dispatch_order(v) for v in vehicle_ids})
 

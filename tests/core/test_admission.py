@@ -31,6 +31,7 @@ from broker.core.admission import (
 )
 from broker.core.errors import QuotaExceeded, Unavailable
 from broker.core.lanes import BULK, CRITICAL, INTERACTIVE
+from broker.core.quotas import Refusals
 
 # With a fixed limit of 10: 1 slot reserved for critical, a pool of 9 for the other lanes,
 # of which interactive's share is 6 and bulk's 3; bulk borrows only while 7 are in use.
@@ -219,6 +220,46 @@ def test_quota_buckets_of_quiet_cars_are_forgotten() -> None:
     clock.ms += 60_000  # a full refill: those buckets hold nothing a new one would not
     admission.take_critical_quota("car-new")
     assert len(admission._buckets) == 1
+
+
+async def test_critical_quota_is_per_caller_and_car() -> None:
+    """A rogue caller spending a car's quota leaves that car's owner its own."""
+    clock = FakeClock()
+    refusals = Refusals()
+    admission = make(clock, critical_per_minute=6, critical_burst=2, refusals=refusals)
+    for _ in range(2):
+        await admission.acquire(CRITICAL, "car-a", "service:rogue")
+    with pytest.raises(VehicleQuotaExceeded) as refused:
+        await admission.acquire(CRITICAL, "car-a", "service:rogue")
+    assert "'service:rogue'" in refused.value.message and "'car-a'" in refused.value.message
+    async with admission.slot(CRITICAL, vehicle_id="car-a", caller="service:fleet-app"):
+        pass
+    admission.take_critical_quota("car-a", "service:fleet-app")
+    with pytest.raises(VehicleQuotaExceeded):
+        admission.take_critical_quota("car-a", "service:fleet-app")
+    assert refusals["vehicle_critical_quota"] == 2 == admission.quota_refused[CRITICAL]
+
+
+def test_a_deduplicated_repeat_gives_its_critical_token_back() -> None:
+    clock = FakeClock()
+    admission = make(clock, critical_per_minute=6, critical_burst=2)
+    for _ in range(10):  # ten repeats the store answers as deduplicated
+        admission.take_critical_quota("car-a", "service:app")
+        admission.refund_critical_quota("car-a", "service:app")
+    admission.take_critical_quota("car-a", "service:app")
+    admission.take_critical_quota("car-a", "service:app")
+    with pytest.raises(VehicleQuotaExceeded):
+        admission.take_critical_quota("car-a", "service:app")
+    admission.refund_critical_quota("car-b", "service:app")  # nothing taken: nothing happens
+    admission.take_critical_quota("car-b", "service:app")
+
+
+def test_quota_buckets_are_bounded_under_a_flood_of_distinct_pairs() -> None:
+    clock = FakeClock()
+    admission = make(clock, critical_per_minute=10, critical_burst=10, max_quota_buckets=500)
+    for i in range(5000):
+        admission.take_critical_quota(f"car-{i}", f"service:{i % 7}")
+    assert admission.quota_buckets == 500
 
 
 async def test_interactive_borrows_idle_bulk_share_and_bulk_reclaims_it() -> None:

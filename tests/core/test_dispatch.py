@@ -9,6 +9,7 @@ TTLs and result deadlines pass without sleeping.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from broker.core import clock
 from broker.core.dispatch import Dispatcher
 from broker.core.errors import BrokerError
 from broker.core.events import EventHub
-from broker.core.sessions import Session, SessionRegistry
+from broker.core.sessions import Outbox, Session, SessionRegistry
 from broker.core.store import Created, NewCommand, NotCommittedInTime
 from broker.storage.memory import MemoryStore
 from broker.v1 import types_pb2 as t
@@ -80,13 +81,13 @@ class Rig:
 
 @pytest.fixture
 def make_rig() -> Callable[..., Rig]:
-    """`make_rig(window=2, store=None)`: a dispatcher on a started MemoryStore."""
+    """`make_rig(window=2, store=None, **config)`: a dispatcher on a started MemoryStore."""
 
-    def make(*, window: int = 2, store: MemoryStore | None = None) -> Rig:
+    def make(*, window: int = 2, store: MemoryStore | None = None, **config: Any) -> Rig:
         store = store or MemoryStore()
         store.start(asyncio.get_running_loop())
         events = RecordingHub()
-        dispatcher = Dispatcher(store, SessionRegistry(), events, Config(window=window))
+        dispatcher = Dispatcher(store, SessionRegistry(), events, Config(window=window, **config))
         return Rig(store, events, dispatcher)
 
     return make
@@ -100,9 +101,19 @@ def command(
     ttl_ms: int = 60_000,
     coalesce_key: str = "",
     commit_by_s: float = 0.0,
+    sender: str = "",
+    idempotency_key: str = "",
 ) -> NewCommand:
     return NewCommand(
-        vehicle_id, name, b"{}", lane, ttl_ms, coalesce_key=coalesce_key, commit_by_s=commit_by_s
+        vehicle_id,
+        name,
+        b"{}",
+        lane,
+        ttl_ms,
+        coalesce_key=coalesce_key,
+        commit_by_s=commit_by_s,
+        sender=sender,
+        idempotency_key=idempotency_key,
     )
 
 
@@ -399,3 +410,201 @@ async def test_a_command_durable_only_after_its_senders_deadline_is_abandoned_un
     # Its window slot was never taken: the next command goes at once.
     created = await submit(rig, command())
     assert await write_out(rig, session) == [(created.command_id, 1)]
+
+
+# -- a bounded queue in memory per connected car ------------------------------------------
+
+
+def bulk(vehicle_id: str = "car-1", **kwargs: Any) -> NewCommand:
+    return command(vehicle_id, name="config", lane=t.BULK, ttl_ms=3_600_000, **kwargs)
+
+
+async def finish(rig: Rig, session: Session, command_id: str) -> None:
+    """The car reports a result for a command it was written; wait until it is taken in."""
+    rig.dispatcher.result(session.vehicle_id, command_id, success=True, message="", detail=b"")
+    await eventually(
+        lambda: any(
+            c.command_id == command_id and c.status == t.SUCCEEDED for c in rig.events.published
+        ),
+        interval_s=0.001,
+        what=f"{command_id} SUCCEEDED",
+    )
+
+
+async def test_a_car_that_does_not_read_costs_the_cap_and_later_gets_everything_in_order(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(window=2, max_outbox_per_car=4)
+    parked = await park(rig, *(bulk() for _ in range(30)))
+    session = connect(rig)
+    first = await expect_written(rig, session, 2)
+    created = [(await submit(rig, bulk())).command_id for _ in range(30)]
+    dispatcher = rig.dispatcher
+    # Two on the wire, four queued in memory: the other 54 wait on disk only.
+    assert dispatcher.commands_in_memory <= 4 + 2
+    assert dispatcher.spilled_queues == 1
+    statuses = {c.command_id: c.status for c in await rig.store.list_vehicle("car-1", limit=100)}
+    assert {statuses[c] for c in created} == {t.QUEUED}  # past the cap: not about to be sent
+    written = [command_id for command_id, _ in first]
+    finished: set[str] = set()
+
+    async def finish_written() -> None:
+        for command_id in written:
+            if command_id not in finished:
+                finished.add(command_id)
+                await finish(rig, session, command_id)
+
+    while len(written) < 60:
+        await finish_written()
+        written += [c for c, _ in await expect_written(rig, session, 1)]
+        assert dispatcher.commands_in_memory <= 4 + 2
+    assert written == parked + created  # FIFO, each once
+    await finish_written()
+    await eventually(lambda: dispatcher.queues_in_memory, lambda n: n == 0, what="drained")
+    assert dispatcher.refills > 0 and dispatcher.spills > 0
+
+
+async def test_a_new_critical_command_goes_before_queued_bulk_even_past_the_cap(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(window=1, max_outbox_per_car=3)
+    session = await connect_idle(rig)
+    bulks = [(await submit(rig, bulk())).command_id for _ in range(10)]
+    assert await write_out(rig, session) == [(bulks[0], 1)]
+    unlock = (await submit(rig, command())).command_id  # critical, while 3 bulk are held
+    assert rig.dispatcher.commands_in_memory <= 3 + 1
+    order = []
+    current = bulks[0]
+    for _ in range(10):
+        await finish(rig, session, current)
+        [(current, _)] = await expect_written(rig, session, 1)
+        order.append(current)
+    assert order == [unlock, *bulks[1:]]
+
+
+async def test_commands_past_the_cap_are_queued_again_when_the_car_goes(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(window=1, max_outbox_per_car=2)
+    session = await connect_idle(rig)
+    ids = [(await submit(rig, bulk())).command_id for _ in range(4)]
+    unlocks = [(await submit(rig, command())).command_id for _ in range(3)]  # push bulk out
+    assert rig.dispatcher.commands_in_memory <= 2 + 1
+    assert await write_out(rig, session) == [(ids[0], 1)]
+    assert rig.dispatcher.disconnect(session)
+
+    def statuses() -> Any:
+        return rig.store.list_vehicle("car-1", limit=100)
+
+    stored = await eventually(
+        statuses, lambda cs: all(c.status == t.QUEUED for c in cs), what="all QUEUED again"
+    )
+    assert len(stored) == 7
+    session = connect(rig)
+    written = [c for c, _ in await expect_written(rig, session, 1)]
+    for _ in range(6):
+        await finish(rig, session, written[-1])
+        written += [c for c, _ in await expect_written(rig, session, 1)]
+    assert written == [*unlocks, *ids]  # critical first; the bulk one sent before, again
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_the_queue_held_is_always_the_head_of_the_cars_queue(
+    make_rig: Callable[..., Rig], seed: int
+) -> None:
+    """Random lanes arriving while a car takes one command at a time: each command put
+    in its outbox is, of those the dispatcher knows of and has not sent, the first in
+    dispatch order (lane, then FIFO); every one is sent once; memory stays within the cap."""
+    rng = random.Random(seed)
+    rig = make_rig(window=1, max_outbox_per_car=3)
+    names = {t.CRITICAL: "unlock", t.INTERACTIVE: "climate", t.BULK: "config"}
+    put: list[str] = []
+    not_the_head: list[str] = []
+
+    class Judge(Outbox):
+        def put(self, item: Any) -> None:
+            found = command_in(item)
+            if found is not None:
+                known = {c.command_id: (-c.lane, c.seq) for c in rig.events.published}
+                unsent = [key for cid, key in known.items() if cid not in put]
+                if known[found.command_id] != min(unsent):
+                    not_the_head.append(found.command_id)
+                put.append(found.command_id)
+            super().put(item)
+
+    async def create() -> None:
+        lane = rng.choice(list(names))
+        await submit(rig, command(name=names[lane], lane=lane, ttl_ms=3_600_000))
+
+    for _ in range(rng.randrange(0, 12)):
+        await create()
+    session = Session("car-1", now_ms=clock.now_ms())
+    session.outbox = Judge()
+    rig.dispatcher.connect(session)
+    for _ in range(60):
+        for _ in range(rng.choice((0, 0, 1, 2, 4))):
+            await create()
+        written = await write_out(rig, session)
+        for command_id, _ in written:
+            await finish(rig, session, command_id)
+        assert rig.dispatcher.commands_in_memory <= 3 + 1
+    created = {c.command_id for c in rig.events.published}
+    while len(put) < len(created):
+        for command_id, _ in await expect_written(rig, session, 1):
+            await finish(rig, session, command_id)
+    assert not_the_head == []
+    assert sorted(put) == sorted(created)  # each once
+
+
+# -- pending commands per sender ------------------------------------------------------------
+
+
+async def test_pending_is_counted_per_sender_until_terminal(
+    make_rig: Callable[..., Rig], broker_time: ManualTime
+) -> None:
+    rig = make_rig(window=1)
+    dispatcher = rig.dispatcher
+    a = [
+        (await submit(rig, command(sender="a", idempotency_key=f"k{n}"))).command_id
+        for n in range(3)
+    ]
+    await submit(rig, command("car-2", sender="b", ttl_ms=3_600_000))
+    assert (dispatcher.pending_of("a"), dispatcher.pending_of("b")) == (3, 1)
+    [repeat] = await dispatcher.submit([command(sender="a", idempotency_key="k0")])
+    assert isinstance(repeat, Created) and repeat.deduplicated
+    assert dispatcher.pending_of("a") == 3  # a deduplicated repeat adds nothing
+    await dispatcher.cancel(a[0])
+    await published(rig, a[0], t.CANCELED)
+    assert dispatcher.pending_of("a") == 2
+    # One sent and never answered: UNKNOWN at its deadline, then a late result.
+    session = connect(rig)
+    [(sent, _)] = await expect_written(rig, session, 1)
+    broker_time.advance(30_000)
+    await dispatcher.fire_timers()
+    await published(rig, sent, t.UNKNOWN)
+    assert dispatcher.pending_of("a") == 1
+    dispatcher.result("car-1", sent, success=True, message="", detail=b"")
+    await published(rig, sent, t.SUCCEEDED)
+    assert dispatcher.pending_of("a") == 1  # UNKNOWN was terminal already
+    broker_time.advance(60_000)  # the last one expires unsent
+    await dispatcher.fire_timers()
+    await eventually(lambda: dispatcher.pending_of("a"), lambda n: n == 0, what="a at 0")
+    assert dispatcher.pending_by_sender == {"b": 1}
+
+
+async def test_pending_per_sender_survives_a_restart(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig()
+    for sender, n in (("a", 3), ("b", 2)):
+        for _ in range(n):
+            await submit(rig, command(sender=sender))
+    restarted = Dispatcher(rig.store, SessionRegistry(), RecordingHub(), Config())
+    assert await restarted.recover() == 5
+    assert restarted.pending_by_sender == {"a": 3, "b": 2}
+
+
+async def test_a_failed_or_refused_write_counts_nothing(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(store=SlowDisk())
+    [late] = await rig.dispatcher.submit([command(sender="a", commit_by_s=time.monotonic() - 1)])
+    assert isinstance(late, NotCommittedInTime)
+    await eventually(lambda: rig.dispatcher.pending_of("a"), lambda n: n == 0, what="a at 0")
+    assert rig.dispatcher.refusals["commit_deadline"] == 1

@@ -5,8 +5,6 @@ request's body replaces its fields."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -16,21 +14,13 @@ from broker.core.errors import InvalidArgument, NotFound, PermissionDenied
 from broker.v1 import command_service_pb2 as svc
 from broker.v1 import types_pb2 as t
 from tests.conftest import eventually
-from tests.core.test_commands import Desk, request
+from tests.core.conftest import Desk, request
 
 APP = Caller("service:app")
 ROGUE = Caller("service:rogue")
 AUDITOR = Caller("service:auditor", reads_fleet=True)
 OPS = Caller("service:ops", may_raise_lane=True, reads_fleet=True, acts_fleet=True)
 ACME = Caller("service:acme", vehicles=("acme-*", "demo-1"))
-
-
-@pytest.fixture
-async def desk(tmp_path: Path) -> AsyncIterator[Desk]:
-    built = Desk(tmp_path)
-    built.store.start(asyncio.get_running_loop())
-    yield built
-    await built.store.close()
 
 
 async def send(desk: Desk, caller: Caller, **fields: object) -> t.Command:
@@ -130,8 +120,9 @@ async def test_a_signed_request_takes_its_fields_from_the_body(desk: Desk) -> No
         "0123456789abcdef01234567",
     )
     assert 29_000 < item.ttl_ms <= 30_000 and item.signed is not None
-    sent = await desk.commands.send(signed_request(), APP, 0.0)
-    again = await desk.commands.send(signed_request(), APP, 0.0)
+    once = signed_request()
+    sent = await desk.commands.send(once, APP, 0.0)
+    again = await desk.commands.send(once, APP, 0.0)
     assert again.deduplicated and again.command.command_id == sent.command.command_id
     assert again.command.signed == sent.command.signed
 
@@ -140,6 +131,7 @@ async def test_a_signed_request_takes_its_fields_from_the_body(desk: Desk) -> No
     ("change", "match"),
     [
         ({"body": b"\xff"}, "not a CommandBody"),
+        ({"body": t.CommandBody(name="a").SerializeToString() * 2}, "not a canonical"),
         ({"signature": b""}, "needs signed.signature"),
         ({"vehicle_id": "car-2"}, "vehicle_id differs from the signed body's"),
         ({"ttl_ms": 1000}, "ttl_ms must be 0"),

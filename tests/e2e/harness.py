@@ -5,13 +5,19 @@ The fixtures that start brokers are in tests/e2e/conftest.py.
 
 from __future__ import annotations
 
+import asyncio
+import urllib.request
 from typing import Any
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker.sdk.client import BrokerClient
 from broker.sdk.simulator import SimulatedFleet
 from broker.sdk.vehicle import VehicleAgent
 from broker.server.broker import Broker
 from broker.v1 import types_pb2 as t
+from broker.v1 import vehicle_link_pb2 as link
 from tests.conftest import eventually, session_keys
 
 #: statuses a command passes through on its way to an outcome
@@ -76,3 +82,47 @@ async def settled(client: BrokerClient, command_id: str, **kwargs: Any) -> Any:
         what=f"{command_id} reaching an outcome",
         **kwargs,
     )
+
+
+class RawCar:
+    """A car written against the bare protocol: Hello, Welcome, then nothing unless told.
+
+    It reads no frame after the Welcome, so a command the broker writes to it is on the
+    wire but never reaches the car's logic: what a link that died mid-frame leaves, or a
+    car that does not read."""
+
+    def __init__(self, target: str, vehicle_id: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        token = session_keys().vehicle_token(vehicle_id)
+        self.call: Any = self.channel.stream_stream(
+            "/broker.v1.VehicleLink/Connect",
+            request_serializer=link.VehicleFrame.SerializeToString,
+            response_deserializer=link.BrokerFrame.FromString,
+        )(metadata=(("authorization", f"Bearer {token}"),))
+
+    async def hello(self, *, sends_heartbeats: bool = True) -> Any:
+        hello = link.Hello(firmware="raw", sends_heartbeats=sends_heartbeats)
+        await self.call.write(link.VehicleFrame(hello=hello))
+        frame = await self.call.read()
+        if frame is grpc.aio.EOF:
+            await self.call  # raises with the stream's status
+        assert frame.WhichOneof("kind") == "welcome"
+        return frame.welcome
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The broker's /metrics on `port`: (sample name, sorted labels) -> value."""
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            return str(reply.read().decode())
+
+    samples = {}
+    for family in text_string_to_metric_families(await asyncio.to_thread(fetch)):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples

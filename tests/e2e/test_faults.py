@@ -23,42 +23,14 @@ from broker.core.errors import StoreUnavailable
 from broker.sdk.client import BrokerClient, BrokerRpcError
 from broker.sdk.vehicle import succeed
 from broker.v1 import types_pb2 as t
-from broker.v1 import vehicle_link_pb2 as link
 from broker.wire import pushback_ms
-from tests.conftest import eventually, session_keys
-from tests.e2e.harness import Running, status_reached
+from tests.conftest import eventually, tmpfs
+from tests.e2e.harness import RawCar, Running, status_reached
 
 #: unlock with a 3 s result timeout, so a stale deadline would show within the test
 QUICK_RESULTS = MappingProxyType(
     {**DEFAULT_COMMANDS, "unlock": CommandPolicy(t.CRITICAL, ttl_s=60, result_timeout_s=3.0)}
 )
-
-
-class RawCar:
-    """A car written against the bare protocol: Hello, Welcome, then nothing unless told.
-
-    It reads no frame after the Welcome, so a command the broker writes to it is on the
-    wire but never reaches the car's logic: what a link that died mid-frame leaves."""
-
-    def __init__(self, target: str, vehicle_id: str) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
-        token = session_keys().vehicle_token(vehicle_id)
-        self.call: Any = self.channel.stream_stream(
-            "/broker.v1.VehicleLink/Connect",
-            request_serializer=link.VehicleFrame.SerializeToString,
-            response_deserializer=link.BrokerFrame.FromString,
-        )(metadata=(("authorization", f"Bearer {token}"),))
-
-    async def hello(self, *, sends_heartbeats: bool = True) -> Any:
-        hello = link.Hello(firmware="raw", sends_heartbeats=sends_heartbeats)
-        await self.call.write(link.VehicleFrame(hello=hello))
-        frame = await self.call.read()
-        assert frame.WhichOneof("kind") == "welcome"
-        return frame.welcome
-
-    async def close(self) -> None:
-        self.call.cancel()
-        await self.channel.close()
 
 
 # -- a lost stream: re-queued, re-sent with a new deadline, run once ---------------------------
@@ -354,21 +326,8 @@ async def test_a_full_map_refuses_new_work_drains_what_it_has_and_recovers_witho
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB tmpfs mounted for the test (root only), unmounted after it."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path, "24m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 async def test_a_full_disk_refuses_new_work_drains_what_it_has_and_recovers_when_freed(
@@ -457,7 +416,7 @@ async def test_a_car_whose_queue_cannot_be_loaded_is_told_when_to_come_back(
 ) -> None:
     store = running.broker.store
 
-    def failing_load(vehicle_ids: Any) -> asyncio.Future[Any]:
+    def failing_load(vehicle_ids: Any, **_: Any) -> asyncio.Future[Any]:
         failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         failed.set_exception(StoreUnavailable("the disk is failing"))
         return failed

@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.conftest import eventually
-
-
-async def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    def fetch() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            return str(reply.read().decode())
-
-    text = await asyncio.to_thread(fetch)
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+from tests.e2e.harness import scrape
 
 
 async def test_metrics_count_outcomes_queue_depth_and_streams(
@@ -37,7 +22,7 @@ async def test_metrics_count_outcomes_queue_depth_and_streams(
     agent = running.agent("m-4")
     task = asyncio.create_task(agent.run())
     await asyncio.wait_for(agent.connected.wait(), 5)
-    samples = await _scrape(port)
+    samples = await scrape(port)
     assert samples[("broker_durable_queue_depth", ())] == 3
     assert samples[("broker_vehicle_streams", ())] == 1
     # m-4's (empty) queue is in memory only while it loads; the parked cars' never are.
@@ -46,7 +31,7 @@ async def test_metrics_count_outcomes_queue_depth_and_streams(
         interval_s=0.01,
         what="m-4's loaded (empty) queue gone from memory",
     )
-    samples = await _scrape(port)
+    samples = await scrape(port)
     assert samples[("broker_durable_queue_in_memory_vehicles", ())] == 0
     assert samples[("broker_command_status_changes_total", (("status", "QUEUED"),))] == 3
     assert samples[("broker_store_operations_total", ())] >= 3
@@ -59,7 +44,7 @@ async def test_metrics_count_outcomes_queue_depth_and_streams(
         assert samples[(counter, ())] == 0
     assert abs(samples[("broker_clock_wall_offset_ms", ())]) < 60_000
     await client.cancel_command((await client.list_commands("m-1"))[0].command_id)
-    samples = await _scrape(port)
+    samples = await scrape(port)
     assert samples[("broker_durable_queue_depth", ())] == 2
     assert samples[("broker_command_status_changes_total", (("status", "CANCELED"),))] == 1
     task.cancel()

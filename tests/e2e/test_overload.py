@@ -40,7 +40,7 @@ async def test_critical_quota_is_per_car_and_says_when(start_broker: Callable[..
 async def test_full_durable_queue_refuses_bulk_first_then_interactive_never_critical(
     start_broker: Callable[..., Any],
 ) -> None:
-    running = await start_broker(durable_queue_budget=10)
+    running = await start_broker(durable_queue_budget=10, caller_queue_share=1)
     client = _client(running)
     for index in range(8):
         await client.send_command(f"budget-{index}", "data_request")
@@ -59,7 +59,7 @@ async def test_full_durable_queue_refuses_bulk_first_then_interactive_never_crit
 
 
 async def test_sdk_retries_after_the_pushback_and_gets_in(start_broker: Callable[..., Any]) -> None:
-    running = await start_broker(durable_queue_budget=2)
+    running = await start_broker(durable_queue_budget=2, caller_queue_share=1)
     plain = _client(running)
     first = await plain.send_command("retry-1", "climate")
     await plain.send_command("retry-2", "climate")

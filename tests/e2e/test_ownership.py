@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from broker.sdk.client import BrokerClient, BrokerRpcError
+from broker.storage.audit_log import read_audit
 from broker.v1 import types_pb2 as t
 from tests.conftest import eventually, session_keys
 from tests.e2e.harness import Running
@@ -34,6 +35,16 @@ async def test_a_second_service_cannot_touch_the_first_ones_commands(running: Ru
     for call in (rogue.get_command(command_id), rogue.cancel_command(command_id)):
         error = await refused(call)
         assert (error.code, error.message) == ("NOT_FOUND", f"no command '{command_id}'")
+    # To the rogue it does not exist; the audit trail says what was tried.
+    probes = await eventually(
+        lambda: read_audit(running.broker.config.data_dir / "audit", actor="service:rogue"),
+        lambda lines: len(lines) >= 2,
+        what="the rogue's probes in the audit trail",
+    )
+    assert {(p["action"], p["outcome"], p["method"], p["reason"]) for p in probes} == {
+        ("deny", "NOT_FOUND", "GetCommand", "another sender's command"),
+        ("deny", "NOT_FOUND", "CancelCommand", "another sender's command"),
+    }
     assert await rogue.list_commands("car-1") == []
     # Its coalesce key is its own: the rogue's same key supersedes nothing of the app's.
     await rogue.send_command("car-1", "unlock", coalesce_key="door")
