@@ -11,12 +11,13 @@ import os
 import random
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import broker
-from broker.core import lanes
+from broker.core import clock, lanes
 from broker.core.errors import BrokerError, InvalidArgument
 from broker.sdk.client import (
     DEFAULT_TARGET,
@@ -430,7 +431,6 @@ def _certs(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     """Print the audit lines that match (exit 0), or verify the chain (exit 1 if broken)."""
-    import time
 
     from broker.storage import audit_log
 
@@ -604,15 +604,19 @@ def _print_state(args: argparse.Namespace, state: Any) -> None:
     if args.json:
         print(json.dumps(data))
         return
+    now = int(time.time() * 1000)
     if state.connected:
-        seen = f"connected since {state.connected_since_ms}"
+        seen = f"connected since {clock.when(state.connected_since_ms, now)}"
     elif state.last_seen_ms:
-        seen = f"NOT connected; last seen at {state.last_seen_ms}; values are not current"
+        seen = (
+            f"NOT connected; last seen {clock.when(state.last_seen_ms, now)}; "
+            "values are not current"
+        )
     else:
         seen = "never seen"
     print(f"{state.vehicle_id}: {seen}")
     for name, field in fields.items():
-        print(f"  {name} = {field['value']} (reported at {field['reported_at_ms']})")
+        print(f"  {name} = {field['value']} (reported {clock.when(field['reported_at_ms'], now)})")
 
 
 # -- vehicle-sim ------------------------------------------------------------------------------

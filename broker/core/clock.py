@@ -104,3 +104,32 @@ def install(clock: Clock) -> Clock:
     global _clock
     previous, _clock = _clock, clock
     return previous
+
+
+# -- times for people ---------------------------------------------------------------------
+
+
+def iso_time(at_ms: int) -> str:
+    """2026-12-02T10:00:00.123Z"""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at_ms // 1000)) + (
+        f".{at_ms % 1000:03d}Z"
+    )
+
+
+def ago(at_ms: int, now: int) -> str:
+    """How long before `now` (ms) `at_ms` was, rounded for a person: "45 s ago",
+    "12 min ago", "3 h ago", "2 d ago" ("in 5 s" for a time ahead)."""
+    delta_s = (now - at_ms) / 1000
+    ahead, delta_s = delta_s < 0, abs(delta_s)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if delta_s >= size:
+            amount = f"{int(delta_s // size)} {unit}"
+            break
+    else:
+        amount = f"{int(delta_s)} s"
+    return f"in {amount}" if ahead else f"{amount} ago"
+
+
+def when(at_ms: int, now: int) -> str:
+    """`iso_time` and `ago`: "2026-12-02T10:00:00.123Z (12 min ago)"."""
+    return f"{iso_time(at_ms)} ({ago(at_ms, now)})"

@@ -503,13 +503,6 @@ def parse_time(text: str, now_ms: int) -> int:
     return int(when.timestamp() * 1000)
 
 
-def iso_time(at_ms: int) -> str:
-    """2026-12-02T10:00:00.123Z"""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at_ms // 1000)) + (
-        f".{at_ms % 1000:03d}Z"
-    )
-
-
 def _needle(value: str) -> bytes:
     """The bytes a line holding `value` as a JSON string contains."""
     return json.dumps(value).encode()
@@ -591,7 +584,7 @@ def _lines(path: Path) -> Iterator[bytes]:
 def format_record(record: dict[str, Any]) -> str:
     """One record for people: time (UTC), actor, action, outcome, then what it names."""
     parts = [
-        iso_time(int(record.get("at_ms", 0))),
+        clock.iso_time(int(record.get("at_ms", 0))),
         str(record.get("actor", "?")),
         str(record.get("action", "?")),
         str(record.get("outcome", "?")),
@@ -640,7 +633,7 @@ class Verified:
             out.append(f"... and {self.problem_count - len(self.problems)} more problems")
         span = "no lines"
         if self.first_at_ms is not None and self.last_at_ms is not None:
-            span = f"{iso_time(self.first_at_ms)} .. {iso_time(self.last_at_ms)}"
+            span = f"{clock.iso_time(self.first_at_ms)} .. {clock.iso_time(self.last_at_ms)}"
         summary = f"{self.lines} lines in {self.files} files, {span}"
         if self.recovered:
             summary += f"; {self.recovered} lines cut short by an unclean stop, recovered"

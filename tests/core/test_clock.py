@@ -63,3 +63,14 @@ def test_install_replaces_the_process_clock() -> None:
         assert clock.now_ms() == fake.wall // 1_000_000
     finally:
         clock.install(previous)
+
+
+def test_times_for_people() -> None:
+    at = 1_796_161_477_187  # what the CLI used to print as it was
+    assert clock.iso_time(at) == "2026-12-01T21:44:37.187Z"
+    assert clock.ago(at, at + 45_900) == "45 s ago"
+    assert clock.ago(at, at + 12 * 60_000 + 5) == "12 min ago"
+    assert clock.ago(at, at + 3 * 3_600_000) == "3 h ago"
+    assert clock.ago(at, at + 2 * 86_400_000) == "2 d ago"
+    assert clock.ago(at, at - 5_000) == "in 5 s"
+    assert clock.when(at, at) == "2026-12-01T21:44:37.187Z (0 s ago)"
