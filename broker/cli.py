@@ -599,6 +599,8 @@ def _print_state(args: argparse.Namespace, state: Any) -> None:
         "connected": state.connected,
         "connected_since_ms": state.connected_since_ms,
         "last_seen_ms": state.last_seen_ms,
+        "firmware": state.firmware,
+        "capabilities": list(state.capabilities),
         "fields": fields,
     }
     if args.json:
@@ -615,6 +617,8 @@ def _print_state(args: argparse.Namespace, state: Any) -> None:
     else:
         seen = "never seen"
     print(f"{state.vehicle_id}: {seen}")
+    if state.firmware or state.capabilities:
+        print(f"  firmware {state.firmware or '-'}; can {', '.join(state.capabilities) or '-'}")
     for name, field in fields.items():
         print(f"  {name} = {field['value']} (reported {clock.when(field['reported_at_ms'], now)})")
 

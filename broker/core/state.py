@@ -107,6 +107,15 @@ class VehicleStates:
         if live is not None:
             live.last_seen_ms = at_ms
 
+    def hello(self, vehicle_id: str, firmware: str, capabilities: Iterable[str]) -> None:
+        """What the car's Hello said about it (kept with its state, persisted with it)."""
+        live = self._live.get(vehicle_id)
+        if live is not None:
+            record = live.record
+            record.firmware = firmware
+            del record.capabilities[:]
+            record.capabilities.extend(capabilities)
+
     def report(self, vehicle_id: str, signals: Iterable[Any], received_at_ms: int) -> None:
         """Apply reported signals; an older report never overwrites a newer value."""
         live = self._live.get(vehicle_id)

@@ -49,12 +49,27 @@ def parse_frame(raw: bytes) -> link.VehicleFrame:
         raise InvalidArgument("malformed VehicleFrame message") from None
 
 
+#: what a Hello may say about the car (kept in its vehicle state)
+HELLO_TEXT_MAX = 128
+CAPABILITIES_MAX = 64
+
+
 def parse_hello(raw: bytes) -> link.Hello:
     """The stream's first frame, which must be Hello."""
     frame = parse_frame(raw)
     if frame.WhichOneof("kind") != "hello":
         raise InvalidArgument("the first frame on a vehicle stream must be Hello")
-    return frame.hello
+    hello = frame.hello
+    if len(hello.firmware) > HELLO_TEXT_MAX:
+        raise InvalidArgument(f"Hello.firmware is longer than {HELLO_TEXT_MAX} characters")
+    if len(hello.capabilities) > CAPABILITIES_MAX or any(
+        len(c) > HELLO_TEXT_MAX for c in hello.capabilities
+    ):
+        raise InvalidArgument(
+            f"Hello.capabilities holds at most {CAPABILITIES_MAX} names of at most "
+            f"{HELLO_TEXT_MAX} characters"
+        )
+    return hello
 
 
 def welcome(session: Session, policy: TelemetryPolicyValues, config: Config) -> link.BrokerFrame:
@@ -125,6 +140,7 @@ class Links:
         stream = VehicleStream(session, self._dispatcher, self._guard, self._states)
         try:
             self._states.seen(vehicle_id, session.connected_since_ms)
+            self._states.hello(vehicle_id, hello.firmware, hello.capabilities)
             policy = self._guard.welcome_policy(vehicle_id, time.monotonic())
             return stream, welcome(session, policy, self._config)
         except BaseException:

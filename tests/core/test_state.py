@@ -60,3 +60,18 @@ async def test_reads_see_reports_at_once_and_a_departing_car_is_persisted(
     stored = await store.get_state("car-1")
     assert stored is not None and stored.fields["speed"].value.number == 12
     assert stored.fields["speed"].reported_at_ms == 2_002
+
+
+async def test_what_the_hello_said_is_kept_with_the_state(store: MemoryStore) -> None:
+    states = VehicleStates(store, SessionRegistry(), max_fields=16)
+    await states.attach("car-1")
+    states.hello("car-1", "2.4.1", ["unlock", "lock"])
+    state = await states.get("car-1")
+    assert (state.firmware, list(state.capabilities)) == ("2.4.1", ["unlock", "lock"])
+    await states.detach("car-1")
+    stored = await store.get_state("car-1")
+    assert stored is not None and stored.firmware == "2.4.1"
+    await states.attach("car-1")
+    states.hello("car-1", "2.5.0", [])  # an update replaces both
+    state = await states.get("car-1")
+    assert (state.firmware, list(state.capabilities)) == ("2.5.0", [])

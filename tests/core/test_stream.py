@@ -98,6 +98,10 @@ def test_the_first_frame_must_be_hello() -> None:
         parse_hello(HEARTBEAT)
     with pytest.raises(InvalidArgument, match="malformed VehicleFrame"):
         parse_hello(b"\xff\xff\xff")
+    with pytest.raises(InvalidArgument, match="firmware is longer than 128"):
+        parse_hello(frame(hello=link.Hello(firmware="x" * 129)))
+    with pytest.raises(InvalidArgument, match="at most 64 names"):
+        parse_hello(frame(hello=link.Hello(capabilities=["c"] * 65)))
 
 
 async def test_a_command_goes_out_once_recorded_and_its_ack_and_result_are_taken(

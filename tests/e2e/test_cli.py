@@ -415,6 +415,8 @@ def test_state_tells_connected_from_last_seen(dev: str) -> None:
     assert live["connected"] is True and live["connected_since_ms"] > 0
     assert live["fields"]["locked"]["value"] is True
     assert live["fields"]["locked"]["reported_at_ms"] > 0
+    assert live["firmware"] == "sim" and {"lock", "unlock"} <= set(live["capabilities"])
+    assert "  firmware sim; can " in run("state", "car-0", "--target", dev).stdout
 
     sim = Background("vehicle-sim", "--vehicles", "1", "--id-prefix", "gone-", "--target", dev)
     try:
