@@ -119,7 +119,10 @@ async def test_overload_sheds_with_pushback_never_internal_and_critical_gets_thr
     await asyncio.gather(*flood)
     # never INTERNAL/UNKNOWN; CANCELLED only by grpc's own pending cap (nothing ran)
     assert set(outcomes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, outcomes
-    assert outcomes["OK"] > 0
+    # On a slow machine the whole flood may be shed (rarely: 3 runs in ~75 here); once
+    # it is over, bulk is accepted again: shedding is load's answer, not a stuck state.
+    after = await client.send_command("flood-after", "data_request", b"x")
+    assert after.command.status == t.QUEUED, outcomes
     assert outcomes["UNAVAILABLE"] > 0  # 3000 at once against 8 slots: the queue sheds
     assert all(h is not None and 50 <= h <= 5000 for h in hints)
     assert critical == [t.QUEUED] * 20
